@@ -1,0 +1,158 @@
+"""The ``taskgroup`` command: subcommands only, no logic (that lives in the package).
+
+    taskgroup tasks     [--registry FILE] [--data DIR]     the registry (and what a dataset holds)
+    taskgroup synth     --out DIR [--scale S] [--seed N]   write the synthetic benchmark
+    taskgroup evaluate  --gt ROOT --pred DIR               score predictions, official metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from taskgroup.data.fmuia import find_roots, load_index
+from taskgroup.data.submission import read_predictions
+from taskgroup.data.synthetic import SCALES, generate
+from taskgroup.errors import TaskgroupError
+from taskgroup.evaluation import METRIC_COLUMNS, evaluate_predictions
+from taskgroup.metrics import LEADERBOARD_COLUMNS
+from taskgroup.tasks import load_registry
+
+console = Console()
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", type=Path, default=None, help="task registry YAML (default: configs/fmuia2026.yaml)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out bad rows (each is logged to --bad-report) instead of failing")
+    parser.add_argument("--bad-report", type=Path, default=None, help="CSV file listing bad rows (default: bad_rows.csv in the current folder when --skip-bad)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskgroup", description="Which ultrasound tasks should be trained together.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="print the task registry as a table")
+    _add_data_options(p)
+    p.add_argument("--data", type=Path, default=None, help="also count the rows a dataset holds per task (FM_UIA layout)")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("synth", help="write the embedded synthetic benchmark in the FM_UIA layout")
+    p.add_argument("--out", type=Path, required=True, help="output folder (train/, val/, truth.yaml)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="small", help="dataset size (tiny is for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
+    p.add_argument("--registry", type=Path, default=None)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("evaluate", help="score a prediction folder with the official metrics")
+    p.add_argument("--gt", type=Path, required=True, help="ground-truth root (FM_UIA layout, with csv_files/)")
+    p.add_argument("--pred", type=Path, required=True, help="prediction folder in the submission format")
+    p.add_argument("--out", type=Path, default=None, help="where the tables go (default: PRED/evaluation)")
+    p.add_argument("--official-skip", action="store_true", help="skip missing predictions as the official scorer does (default: count them as failures)")
+    _add_data_options(p)
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def _bad_report(args: argparse.Namespace) -> Path | None:
+    if args.bad_report is not None:
+        return args.bad_report
+    return Path("bad_rows.csv") if args.skip_bad else None
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    registry = load_registry(args.registry)
+    counts: dict[str, dict[str, int]] = {}
+    if args.data is not None:
+        for split, root in find_roots(args.data).items():
+            index = load_index(root, registry, skip_bad=args.skip_bad, report=_bad_report(args))
+            counts[split] = index.counts()
+            if index.bad_rows:
+                console.print(f"[yellow]{split}: {len(index.bad_rows)} bad row(s) left out, listed in {_bad_report(args)}[/]")
+    table = Table(title=f"{registry.name}: {len(registry)} tasks")
+    for col in ("task_id", "type", "classes / keypoints", "organ", "clinical group", "train (est.)", "metrics"):
+        table.add_column(col)
+    for split in counts:
+        table.add_column(f"{split} rows", justify="right")
+    for t in registry:
+        metrics = ", ".join(f"{m.name}{'↑' if m.higher_is_better else '↓'}" for m in t.metrics)
+        row = [t.id, t.kind.value, str(t.num_classes), t.organ, t.clinical_group, str(t.train_images), metrics]
+        row += [str(c.get(t.id, 0)) for c in counts.values()]
+        table.add_row(*row)
+    console.print(table)
+    groups = Table(title="clinical groups (CG paradigm)")
+    groups.add_column("group")
+    groups.add_column("tasks")
+    for name, ids in registry.clinical_groups.items():
+        groups.add_row(name, ", ".join(ids))
+    console.print(groups)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    registry = load_registry(args.registry)
+    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task("images", total=None)
+        summary = generate(args.out, registry, args.scale, args.seed, args.workers,
+                           progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    total = {split: sum(c.values()) for split, c in summary.counts.items()}
+    console.print(f"wrote {summary.images} images to {summary.out} "
+                  f"({', '.join(f'{s}: {n} rows' for s, n in total.items())}); truth in {summary.out / 'truth.yaml'}")
+    return 0
+
+
+def _fmt(value: float) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    registry = load_registry(args.registry)
+    index = load_index(args.gt, registry, skip_bad=args.skip_bad, report=_bad_report(args))
+    predictions = read_predictions(args.pred, index)
+    result = evaluate_predictions(index, predictions, official_skip=args.official_skip)
+    out = args.out or args.pred / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    result.per_task.to_csv(out / "per_task.csv", index=False)
+    import pandas as pd
+
+    pd.DataFrame([result.summary]).to_csv(out / "summary.csv", index=False)
+    table = Table(title=f"per task ({'missing skipped' if args.official_skip else 'missing = failure'})")
+    for col in ("task_id", "type", "n", "missing", *METRIC_COLUMNS):
+        table.add_column(col, justify="right" if col not in ("task_id", "type") else "left")
+    for row in result.per_task.to_dict("records"):
+        table.add_row(row["task_id"], row["type"], str(row["n_images"]), str(row["n_missing"]),
+                      *[_fmt(row[c]) for c in METRIC_COLUMNS])
+    console.print(table)
+    summary = Table(title="type-level summary (the 9 leaderboard columns)")
+    for col, _, _ in LEADERBOARD_COLUMNS:
+        summary.add_column(col, justify="right")
+    summary.add_row(*[_fmt(result.summary[c]) for c, _, _ in LEADERBOARD_COLUMNS])
+    console.print(summary)
+    for row in result.per_task.to_dict("records"):
+        if row["auc_note"]:
+            console.print(f"[yellow]{row['task_id']}: {row['auc_note']}[/]")
+    console.print(f"tables written to {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TaskgroupError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def run() -> None:
+    sys.exit(main())

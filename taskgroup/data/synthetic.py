@@ -1,0 +1,805 @@
+"""The embedded synthetic benchmark: ultrasound-like images with a *planted* task-affinity truth.
+
+``taskgroup synth --out DIR`` writes a dataset in the real FM_UIA on-disk layout (``train/`` and
+``val/`` roots, each with ``csv_files/``, images and index masks; awkward real-style paths
+included), with the same 27 task ids, types and class/keypoint counts as the registry, so the
+same loader reads real and synthetic data.
+
+The known truth
+---------------
+Every image is a scene drawn from a few latent factors, one per *structure*:
+
+- ``blob``: a dark ellipse with a bright rim and posterior enhancement (a cyst or lesion); its
+  size, elongation, orientation and position around the image centre are factors.
+- ``texture``: a rotated rectangle of oriented stripes with a perpendicular-striped core (an
+  organ's parenchyma); its stripe orientation, stripe period and size are factors.
+- ``lines``: bright line segments with acoustic shadows (bone, pleura); the main line's direction
+  (marked by a bright knob at its head), its length and the number of lines are factors.
+
+Each task's label depends on one structure only (table :data:`TASK_FACTORS`), so the tasks form
+three *planted groups*, of 9 tasks each, that need the same structure and must help each other;
+tasks of different groups need unrelated structures and compete for capacity. Every scene holds
+all three structures, so a task must also learn to ignore the other two. The planted groups cut
+across the clinical groups (each clinical group is spread over several planted groups) and mix
+task types in the same proportions (4 seg, 3 cls, 1 det, 1 reg each), so that neither organ nor
+head type can stand in for the group. Low-data tasks (fetal_heart, organ_cls, cervix_multi,
+FUGC) sit with data-rich partners.
+
+The *clinical group* decides only the nuisance "scanner": curvilinear, linear or phased-array
+field of view, image size, speckle grain, gain and depth attenuation (and vendor overlay marks),
+which carry no label information. Sample counts follow the registry's estimates scaled down (the
+rarest task about 1/40 of the most common, as in the real data).
+
+The truth is written next to the data as ``truth.yaml`` (factors per task, planted groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+from scipy import ndimage
+
+from taskgroup.tasks import TaskKind, TaskRegistry, TaskSpec
+
+# ----------------------------------------------------------------------------------------------
+# The truth: which structure and which label rule each task uses
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFactor:
+    """What a synthetic task's label is: the structure it needs and the rule on it."""
+
+    structure: str  # blob | texture | lines (= the planted group)
+    rule: str  # the target, in words
+
+
+TASK_FACTORS: dict[str, TaskFactor] = {
+    # planted group "blob"
+    "breast_lesion": TaskFactor("blob", "mask of the blob (rim and core)"),
+    "fetal_heart": TaskFactor("blob", "mask of the blob's dark core"),
+    "cardiac_multi": TaskFactor("blob", "1 rim, 2 core, 3 posterior enhancement below the blob"),
+    "fetal_abdomen_multi": TaskFactor("blob", "the blob cut into image-axis quadrants about its centre: 1 top-left, 2 top-right, 3 bottom-left, 4 bottom-right"),
+    "lung_2cls": TaskFactor("blob", "blob size: 0 small, 1 large"),
+    "fetal_sacral_pos_cls": TaskFactor("blob", "octant of the blob centre around the image centre (45 degree sectors, angle from +x towards +y, y pointing down)"),
+    "organ_cls": TaskFactor("blob", "blob major-axis orientation in 30 degree bins"),
+    "thyroid_nodule_det": TaskFactor("blob", "bounding box of the blob"),
+    "fetal_femur": TaskFactor("blob", "the two ends of the blob's major axis (point 1 = smaller x)"),
+    # planted group "texture"
+    "thyroid_nodule": TaskFactor("texture", "mask of the striped patch"),
+    "cervix": TaskFactor("texture", "mask of the striped patch"),
+    "ovary_tumor": TaskFactor("texture", "mask of the patch's perpendicular-striped core"),
+    "cervix_multi": TaskFactor("texture", "1 patch outside its core, 2 core"),
+    "fetal_plane_cls": TaskFactor("texture", "stripe orientation in 30 degree bins"),
+    "breast_2cls": TaskFactor("texture", "stripe period: 0 coarse, 1 fine"),
+    "liver_lesion_2cls": TaskFactor("texture", "patch size: 0 small, 1 large"),
+    "uterine_fibroid_det": TaskFactor("texture", "bounding box of the patch"),
+    "FUGC": TaskFactor("texture", "the two ends of the patch's long axis (point 1 = smaller x)"),
+    # planted group "lines"
+    "lung": TaskFactor("lines", "mask of every line (knob included)"),
+    "carotid_artery": TaskFactor("lines", "mask of the main line (with its knob)"),
+    "fetal_head": TaskFactor("lines", "mask of the acoustic shadows below the lines"),
+    "head_symphysis_multi": TaskFactor("lines", "1 main line with knob, 2 secondary lines"),
+    "fetal_head_pos_cls": TaskFactor("lines", "direction tail->knob of the main line in 45 degree bins"),
+    "lung_disease_3cls": TaskFactor("lines", "number of lines minus one (1, 2 or 3 lines)"),
+    "breast_3cls": TaskFactor("lines", "main line length: 0 short, 1 medium, 2 long"),
+    "spinal_cord_injury_loc": TaskFactor("lines", "bounding box of the main line with its knob"),
+    "IUGC": TaskFactor("lines", "main line: 1 tail, 2 midpoint, 3 knob centre"),
+}
+
+STRUCTURES = ("blob", "texture", "lines")
+
+
+def planted_groups() -> dict[str, tuple[str, ...]]:
+    """The planted groups: structure name -> task ids."""
+    return {s: tuple(t for t, f in TASK_FACTORS.items() if f.structure == s) for s in STRUCTURES}
+
+
+# Images shared between tasks, as in the real data: (task, task whose images it reuses, share)
+SHARED_IMAGES: tuple[tuple[str, str, float], ...] = (
+    ("breast_2cls", "breast_lesion", 0.5),
+    ("breast_3cls", "breast_lesion", 0.5),
+    ("lung_2cls", "lung", 0.5),
+    ("cervix_multi", "FUGC", 1.0),
+)
+
+# Dataset folder names; some carry the awkward characters of real paths
+# (space, comma, parentheses, "+", U+00A0) so every loader test sees them.
+FOLDER_NAMES = {
+    "breast_lesion": "BUS (synth)+lesion",
+    "fetal_heart": "Fetal\u00a0Heart, synth",
+    "FUGC": "FUGC (synth)",
+    "lung": "Lung US, synth",
+}
+
+SCALES = {"tiny": 60, "small": 1200, "medium": 3000}  # train images of the most common task
+TINY_FLOOR = 6  # only the "tiny" test scale lifts its rarest tasks to this floor
+
+
+def synthetic_counts(registry: TaskRegistry, scale: str) -> dict[str, int]:
+    """Train images per task: the registry's estimates scaled so the largest task has
+    ``SCALES[scale]`` images (the rarest stays about 1/40 of it)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
+    largest = max(t.train_images for t in registry)
+    counts = {t.id: max(1, round(t.train_images * SCALES[scale] / largest)) for t in registry}
+    if scale == "tiny":
+        counts = {t: max(n, TINY_FLOOR) for t, n in counts.items()}
+    return counts
+
+
+def validation_count(n_train: int, scale: str) -> int:
+    """Validation images of a task: 20 % of train, at least a floor that keeps metrics stable."""
+    floor = 4 if scale == "tiny" else 30
+    return max(floor, round(0.2 * n_train))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanners (nuisance, per clinical group)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scanner:
+    probe: str  # curvilinear | linear | phased
+    size: tuple[int, int]  # (H, W)
+    half_angle: float  # degrees, sector probes
+    grain: float  # speckle correlation length in pixels
+    attenuation: float  # depth attenuation over the image height
+    gain: float
+    overlay: bool  # vendor marks in a corner
+    image_format: str  # png | jpg | jpeg | bmp
+
+
+SCANNERS = {
+    "OB": Scanner("curvilinear", (112, 128), 38.0, 0.9, 0.6, 1.0, True, "png"),
+    "breast": Scanner("linear", (96, 120), 0.0, 0.7, 0.4, 1.1, False, "png"),
+    "lung": Scanner("curvilinear", (112, 112), 32.0, 1.1, 0.8, 0.9, True, "jpg"),
+    "thyroid": Scanner("linear", (100, 112), 0.0, 0.6, 0.3, 1.05, False, "bmp"),
+    "other": Scanner("phased", (120, 120), 36.0, 1.0, 0.7, 0.95, True, "jpeg"),
+}
+
+
+@functools.cache
+def visible_region(scanner: Scanner) -> np.ndarray:
+    """(H, W) bool field of view of the probe (cached per scanner: do not modify)."""
+    height, width = scanner.size
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    if scanner.probe == "linear":
+        region = np.ones((height, width), dtype=bool)
+        region[:, : int(0.04 * width)] = False
+        region[:, width - int(0.04 * width) :] = False
+        return region
+    apex_y = -0.35 * height if scanner.probe == "curvilinear" else -0.12 * height
+    dy = yy - apex_y
+    angle = np.degrees(np.arctan2(xx - width / 2, dy))
+    radius = np.hypot(xx - width / 2, dy)
+    near = 0.42 * height if scanner.probe == "curvilinear" else 0.16 * height
+    far = radius.max() * 0.985
+    return (np.abs(angle) <= scanner.half_angle) & (radius >= near) & (radius <= far)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenes
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    cx: float
+    cy: float
+    a: float  # semi-major axis, px (outer edge of the rim)
+    b: float
+    theta: float  # radians, major-axis angle in image coordinates (y down)
+    rim: float
+    large: int
+    octant: int
+    orientation_bin: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    cx: float
+    cy: float
+    half_length: float
+    half_width: float
+    phi: float  # long-axis angle
+    psi: float  # stripe-normal angle of the outer stripes
+    period: float
+    large: int
+    fine: int
+    orientation_bin: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Lines:
+    tail: tuple[float, float]
+    head: tuple[float, float]
+    others: tuple[tuple[tuple[float, float], tuple[float, float]], ...]
+    thickness: float
+    knob: float
+    shadow_depth: float
+    direction_bin: int
+    length_bin: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    scanner: Scanner
+    blob: Blob
+    patch: Patch
+    lines: Lines
+    seed: int
+
+
+def _bbox_blob(b: Blob, pad: float = 0.0) -> np.ndarray:
+    hx = math.sqrt((b.a * math.cos(b.theta)) ** 2 + (b.b * math.sin(b.theta)) ** 2)
+    hy = math.sqrt((b.a * math.sin(b.theta)) ** 2 + (b.b * math.cos(b.theta)) ** 2)
+    return np.array([b.cx - hx - pad, b.cy - hy - pad, b.cx + hx + pad, b.cy + hy + pad])
+
+
+def _patch_corners(p: Patch) -> np.ndarray:
+    u = np.array([math.cos(p.phi), math.sin(p.phi)])
+    v = np.array([-math.sin(p.phi), math.cos(p.phi)])
+    c = np.array([p.cx, p.cy])
+    return np.array([c + su * p.half_length * u + sv * p.half_width * v for su in (-1, 1) for sv in (-1, 1)])
+
+
+def _bbox_patch(p: Patch, pad: float = 0.0) -> np.ndarray:
+    corners = _patch_corners(p)
+    return np.concatenate([corners.min(axis=0) - pad, corners.max(axis=0) + pad])
+
+
+def _segments(lines: Lines) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    return [(lines.tail, lines.head), *lines.others]
+
+
+def _bbox_main_line(lines: Lines) -> np.ndarray:
+    pts = np.array([lines.tail, lines.head])
+    r_tail = lines.thickness / 2
+    lo = np.minimum(pts[0] - r_tail, pts[1] - lines.knob)
+    hi = np.maximum(pts[0] + r_tail, pts[1] + lines.knob)
+    return np.concatenate([lo, hi])
+
+
+def _valid_boxes(boxes: np.ndarray, region: np.ndarray, avoid: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """(N,) which candidate boxes (N, 4) xyxy lie in the field of view and clear of ``avoid``."""
+    height, width = region.shape
+    x0, y0, x1, y1 = boxes.T
+    ok = (x0 >= 1) & (y0 >= 1) & (x1 <= width - 1) & (y1 <= height - 1)
+    xm = (x0 + x1) / 2
+    for xs, ys in ((x0, y0), (x1, y0), (x0, y1), (x1, y1), (xm, y0), (xm, y1)):
+        xi = np.clip(xs, 0, width - 1).astype(int)
+        yi = np.clip(ys, 0, height - 1).astype(int)
+        ok &= region[yi, xi]
+    for b in avoid:
+        ok &= (x1 <= b[0]) | (b[2] <= x0) | (y1 <= b[1]) | (b[3] <= y0)
+    return ok
+
+
+def _first(ok: np.ndarray) -> int | None:
+    hits = np.flatnonzero(ok)
+    return int(hits[0]) if hits.size else None
+
+
+def sample_scene(rng: np.random.Generator, scanner: Scanner, region: np.ndarray, seed: int = 0) -> Scene:
+    """Draw the latent factors of one image; every class of every rule is equally likely.
+
+    Structures are placed by rejection (in batches of candidates, vectorised) so that they lie
+    in the field of view and do not overlap: a label never depends on an occluded structure.
+    """
+    height, width = scanner.size
+    s = float(min(height, width))
+    n = 64  # candidates per batch
+    for _attempt in range(50):
+        # blob: size class, orientation bin, octant of its centre around the image centre
+        large = int(rng.integers(2))
+        a = s * (rng.uniform(0.15, 0.18) if large else rng.uniform(0.09, 0.115))
+        b = a / rng.uniform(1.55, 1.9)
+        orient_bin = int(rng.integers(6))
+        theta = math.radians(orient_bin * 30 + 15 + rng.uniform(-8, 8))
+        octant = int(rng.integers(8))
+        ang = math.radians(octant * 45 + 22.5 + rng.uniform(-12, 12))
+        r = s * rng.uniform(0.15, 0.21)
+        blob = Blob(width / 2 + r * math.cos(ang), 0.58 * height + r * math.sin(ang), a, b, theta,
+                    max(1.6, 0.028 * s), large, octant, orient_bin)
+        if not _valid_boxes(_bbox_blob(blob)[None], region)[0]:
+            continue
+        bbox_b = _bbox_blob(blob, pad=0.02 * s)
+        bbox_b[3] += 0.11 * s  # keep the posterior enhancement below the blob clear
+        # texture patch: size class, stripe period class, stripe orientation bin; free position
+        large_p = int(rng.integers(2))
+        hl = s * (rng.uniform(0.18, 0.21) if large_p else rng.uniform(0.12, 0.145))
+        hw = s * rng.uniform(0.095, 0.11)
+        fine = int(rng.integers(2))
+        period = s * (0.065 if fine else 0.12) * rng.uniform(0.95, 1.05)
+        p_bin = int(rng.integers(6))
+        psi = math.radians(p_bin * 30 + 15 + rng.uniform(-6, 6))
+        cx = rng.uniform(0.1, 0.9, n) * width
+        cy = rng.uniform(0.2, 0.9, n) * height
+        phi = rng.uniform(0, math.pi, n)
+        ex = np.abs(hl * np.cos(phi)) + np.abs(hw * np.sin(phi))
+        ey = np.abs(hl * np.sin(phi)) + np.abs(hw * np.cos(phi))
+        boxes = np.stack([cx - ex, cy - ey, cx + ex, cy + ey], axis=1)
+        pad = 0.02 * s
+        k = _first(_valid_boxes(boxes, region) & _valid_boxes(boxes + [-pad, -pad, pad, pad], np.ones_like(region), [bbox_b]))
+        if k is None:
+            continue
+        patch = Patch(float(cx[k]), float(cy[k]), hl, hw, float(phi[k]), psi, period, large_p, fine, p_bin)
+        bbox_p = _bbox_patch(patch, 0.03 * s)
+        # lines: main line direction bin and length bin, 0-2 secondary lines; free positions
+        length_bin = int(rng.integers(3))
+        length = s * (0.2, 0.3, 0.4)[length_bin] * rng.uniform(0.94, 1.06)
+        d_bin = int(rng.integers(8))
+        alpha = math.radians(d_bin * 45 + 22.5 + rng.uniform(-10, 10))
+        thickness, knob, shadow = max(1.6, 0.03 * s), max(2.2, 0.045 * s), 0.16 * s
+        tails = np.stack([rng.uniform(0.05, 0.95, n) * width, rng.uniform(0.15, 0.8, n) * height], axis=1)
+        heads = tails + length * np.array([math.cos(alpha), math.sin(alpha)])
+        lo = np.minimum(tails, heads) - knob
+        hi = np.maximum(tails, heads) + knob
+        visible = _valid_boxes(np.concatenate([lo, hi], axis=1), region)
+        with_shadow = np.concatenate([lo, hi + [0, shadow]], axis=1)
+        k = _first(visible & _valid_boxes(with_shadow, np.ones((height * 2, width * 2), bool), [bbox_b, bbox_p]))
+        if k is None:
+            continue
+        tail, head = tails[k], heads[k]
+        avoid = [bbox_b, bbox_p]
+        others: list[tuple[tuple[float, float], tuple[float, float]]] = []
+        for _ in range(int(rng.integers(3))):
+            starts = np.stack([rng.uniform(0.05, 0.95, n) * width, rng.uniform(0.15, 0.8, n) * height], axis=1)
+            beta = rng.uniform(0, 2 * math.pi, n)
+            ends = starts + s * rng.uniform(0.14, 0.18, n)[:, None] * np.stack([np.cos(beta), np.sin(beta)], axis=1)
+            lo = np.minimum(starts, ends) - thickness
+            hi = np.maximum(starts, ends) + thickness
+            ok = _valid_boxes(np.concatenate([lo, hi], axis=1), region)
+            ok &= _valid_boxes(np.concatenate([lo, hi + [0, shadow]], axis=1), np.ones((height * 2, width * 2), bool), avoid)
+            # clear of the main line and of the other secondary lines (they are counted apart)
+            for seg_a, seg_b, gap in [(tail, head, 2.5 * knob), *[(np.array(o[0]), np.array(o[1]), 2 * thickness) for o in others]]:
+                ok &= _segment_distance(starts, ends, seg_a, seg_b) >= gap
+            j = _first(ok)
+            if j is None:
+                break
+            others.append((tuple(starts[j]), tuple(ends[j])))
+        else:
+            lines = Lines(tuple(tail), tuple(head), tuple(others), thickness, knob, shadow, d_bin, length_bin)
+            return Scene(scanner, blob, patch, lines, seed)
+    raise RuntimeError(f"could not place the structures of scene {seed} in a {width}x{height} {scanner.probe} view")
+
+
+def _segment_distance(starts: np.ndarray, ends: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) distance between segments starts[i]-ends[i] and a-b, from points sampled along each
+    to the other segment (exact for crossing or parallel segments up to the sampling step)."""
+    t = np.linspace(0, 1, 9)
+    pts = starts[:, None, :] * (1 - t)[None, :, None] + ends[:, None, :] * t[None, :, None]  # (N, 9, 2)
+    to_ab = _points_to_segment(pts, a, b).min(axis=1)
+    q = a[None, :] * (1 - t)[:, None] + b[None, :] * t[:, None]  # (9, 2)
+    ab = (ends - starts)[:, None, :]  # (N, 1, 2)
+    rel = q[None, :, :] - starts[:, None, :]  # (N, 9, 2)
+    u = np.clip((rel * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9), 0, 1)  # (N, 9)
+    from_ab = np.linalg.norm(rel - u[..., None] * ab, axis=-1).min(axis=1)
+    return np.minimum(to_ab, from_ab)
+
+
+def _points_to_segment(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = b - a
+    t = np.clip(((p - a) @ ab) / max(float(ab @ ab), 1e-9), 0, 1)
+    return np.linalg.norm(p - (a + t[..., None] * ab), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rasterising structures (pixel centres at integer + 0.5, so boxes and points are continuous)
+
+
+def _grid(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
+    return xx + 0.5, yy + 0.5
+
+
+def _ellipse(xx, yy, cx, cy, a, b, theta) -> np.ndarray:
+    dx, dy = xx - cx, yy - cy
+    u = dx * math.cos(theta) + dy * math.sin(theta)
+    v = -dx * math.sin(theta) + dy * math.cos(theta)
+    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+
+
+def _segment_mask(xx, yy, a, b, radius) -> np.ndarray:
+    a = np.asarray(a)
+    b = np.asarray(b)
+    ab = b - a
+    t = np.clip(((xx - a[0]) * ab[0] + (yy - a[1]) * ab[1]) / max(float(ab @ ab), 1e-9), 0, 1)
+    return np.hypot(xx - (a[0] + t * ab[0]), yy - (a[1] + t * ab[1])) <= radius
+
+
+def _below(mask: np.ndarray, depth: float) -> np.ndarray:
+    """Pixels within ``depth`` rows below the lowest pixel of ``mask`` in their column."""
+    height = mask.shape[0]
+    rows = np.arange(height)[:, None]
+    any_col = mask.any(axis=0)
+    last = np.where(any_col, height - 1 - np.argmax(mask[::-1], axis=0), -1)
+    return any_col[None, :] & (rows > last[None, :]) & (rows <= last[None, :] + depth)
+
+
+def _under(mask: np.ndarray, depth: float) -> np.ndarray:
+    """Pixels up to ``depth`` rows below any pixel of ``mask`` (an acoustic shadow)."""
+    out = np.zeros_like(mask)
+    steps = int(round(depth))
+    shifted = mask.copy()
+    for _ in range(steps):
+        shifted = np.vstack([np.zeros((1, mask.shape[1]), dtype=bool), shifted[:-1]])
+        out |= shifted
+    return out & ~mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneMasks:
+    """The structures of a scene as (H, W) bool masks."""
+
+    blob_rim: np.ndarray
+    blob_core: np.ndarray
+    blob_enhancement: np.ndarray
+    patch_outer: np.ndarray
+    patch_core: np.ndarray
+    patch_border: np.ndarray
+    main_line: np.ndarray
+    other_lines: np.ndarray
+    shadow: np.ndarray
+
+
+def rasterise(scene: Scene) -> SceneMasks:
+    xx, yy = _grid(scene.scanner.size)
+    b = scene.blob
+    outer = _ellipse(xx, yy, b.cx, b.cy, b.a, b.b, b.theta)
+    core = _ellipse(xx, yy, b.cx, b.cy, b.a - b.rim, b.b - b.rim, b.theta)
+    enhancement = _below(outer, 0.1 * min(scene.scanner.size))
+    p = scene.patch
+    dx, dy = xx - p.cx, yy - p.cy
+    u = dx * math.cos(p.phi) + dy * math.sin(p.phi)
+    v = -dx * math.sin(p.phi) + dy * math.cos(p.phi)
+    patch = (np.abs(u) <= p.half_length) & (np.abs(v) <= p.half_width)
+    p_core = (np.abs(u) <= 0.5 * p.half_length) & (np.abs(v) <= 0.5 * p.half_width)
+    border = patch & ~((np.abs(u) <= p.half_length - 1.0) & (np.abs(v) <= p.half_width - 1.0))
+    ln = scene.lines
+    main = _segment_mask(xx, yy, ln.tail, ln.head, ln.thickness / 2)
+    main |= np.hypot(xx - ln.head[0], yy - ln.head[1]) <= ln.knob
+    others = np.zeros_like(main)
+    for start, end in ln.others:
+        others |= _segment_mask(xx, yy, start, end, ln.thickness / 2)
+    shadow = _under(main | others, ln.shadow_depth)
+    region = visible_region(scene.scanner)
+    return SceneMasks(
+        blob_rim=outer & ~core & region, blob_core=core & region, blob_enhancement=enhancement & region,
+        patch_outer=patch & ~p_core & region, patch_core=p_core & region, patch_border=border & region,
+        main_line=main & region, other_lines=others & ~main & region, shadow=shadow & ~others & region,
+    )
+
+
+def render(scene: Scene, masks: SceneMasks, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) uint8 ultrasound-like image of a scene: tissue, structures, speckle, sector."""
+    sc = scene.scanner
+    height, width = sc.size
+    s = min(height, width)
+    xx, yy = _grid(sc.size)
+    coarse = rng.standard_normal((height // 8 + 2, width // 8 + 2))
+    field = ndimage.zoom(coarse, 8, order=1)[:height, :width]
+    tissue = 0.42 + 0.08 * field
+    tissue = np.clip(tissue, 0.2, 0.65)
+    # texture patch: stripes along psi outside the core, perpendicular inside
+    p = scene.patch
+    phase = rng.uniform(0, 2 * math.pi)
+    stripes_out = np.sin(2 * math.pi * (xx * math.cos(p.psi) + yy * math.sin(p.psi)) / p.period + phase)
+    stripes_in = np.sin(2 * math.pi * (-xx * math.sin(p.psi) + yy * math.cos(p.psi)) / p.period + phase)
+    tissue = np.where(masks.patch_outer, 0.5 + 0.36 * stripes_out, tissue)
+    tissue = np.where(masks.patch_core, 0.5 + 0.36 * stripes_in, tissue)
+    tissue = np.where(masks.patch_border, 0.85, tissue)
+    # blob: bright posterior enhancement, bright rim, dark core
+    tissue = np.where(masks.blob_enhancement, np.minimum(tissue * 1.6, 0.95), tissue)
+    tissue = np.where(masks.blob_rim, 0.95, tissue)
+    tissue = np.where(masks.blob_core, 0.07, tissue)
+    # lines: bright reflectors casting shadows
+    tissue = np.where(masks.shadow, tissue * 0.22, tissue)
+    tissue = np.where(masks.main_line | masks.other_lines, 1.0, tissue)
+    # speckle: Rayleigh amplitude of correlated complex Gaussian noise
+    re = ndimage.gaussian_filter(rng.standard_normal(sc.size), sc.grain)
+    im = ndimage.gaussian_filter(rng.standard_normal(sc.size), sc.grain)
+    speckle = np.hypot(re, im)
+    speckle /= speckle.mean()
+    attenuation = np.exp(-sc.attenuation * yy / height)
+    gain = sc.gain * rng.uniform(0.9, 1.1)
+    image = np.clip(tissue * (0.35 + 0.65 * speckle) * attenuation * gain, 0, 1) ** 0.85
+    image = np.where(visible_region(sc), image, 0.0)
+    if sc.overlay:  # vendor marks outside the field of view
+        for k in range(3):
+            x0 = int(0.03 * width) + 5 * k
+            image[int(0.04 * height) : int(0.04 * height) + 2, x0 : x0 + 3] = 0.9
+    return (image * 255).round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels of each task from a scene
+
+
+def _box(mask_box: np.ndarray, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = mask_box
+    return (max(0.0, x0), max(0.0, y0), min(float(size[1]), x1), min(float(size[0]), y1))
+
+
+def _ordered(p1: np.ndarray, p2: np.ndarray) -> list[tuple[float, float]]:
+    a, b = sorted([tuple(p1), tuple(p2)])
+    return [a, b]
+
+
+def task_target(spec: TaskSpec, scene: Scene, masks: SceneMasks):
+    """The label of task ``spec`` for a scene: mask (H, W) uint8, class int, box or points."""
+    t = spec.id
+    b, p, ln = scene.blob, scene.patch, scene.lines
+    if spec.kind is TaskKind.SEGMENTATION:
+        m = np.zeros(scene.scanner.size, dtype=np.uint8)
+        blob = masks.blob_rim | masks.blob_core
+        patch = masks.patch_outer | masks.patch_core
+        if t == "breast_lesion":
+            m[blob] = 1
+        elif t == "fetal_heart":
+            m[masks.blob_core] = 1
+        elif t == "cardiac_multi":
+            m[masks.blob_rim] = 1
+            m[masks.blob_core] = 2
+            m[masks.blob_enhancement] = 3
+        elif t == "fetal_abdomen_multi":
+            xx, yy = _grid(scene.scanner.size)
+            right = xx >= b.cx
+            lower = yy >= b.cy
+            m[blob] = (1 + right.astype(np.uint8) + 2 * lower.astype(np.uint8))[blob]
+        elif t in ("thyroid_nodule", "cervix"):
+            m[patch] = 1
+        elif t == "ovary_tumor":
+            m[masks.patch_core] = 1
+        elif t == "cervix_multi":
+            m[masks.patch_outer] = 1
+            m[masks.patch_core] = 2
+        elif t == "lung":
+            m[masks.main_line | masks.other_lines] = 1
+        elif t == "carotid_artery":
+            m[masks.main_line] = 1
+        elif t == "fetal_head":
+            m[masks.shadow] = 1
+        elif t == "head_symphysis_multi":
+            m[masks.main_line] = 1
+            m[masks.other_lines] = 2
+        else:
+            raise KeyError(f"no synthetic rule for segmentation task {t!r}")
+        return m
+    if spec.kind is TaskKind.CLASSIFICATION:
+        labels = {
+            "lung_2cls": b.large, "fetal_sacral_pos_cls": b.octant, "organ_cls": b.orientation_bin,
+            "fetal_plane_cls": p.orientation_bin, "breast_2cls": p.fine, "liver_lesion_2cls": p.large,
+            "fetal_head_pos_cls": ln.direction_bin, "lung_disease_3cls": len(ln.others),
+            "breast_3cls": ln.length_bin,
+        }
+        if t not in labels:
+            raise KeyError(f"no synthetic rule for classification task {t!r}")
+        return int(labels[t])
+    if spec.kind is TaskKind.DETECTION:
+        boxes = {"thyroid_nodule_det": _bbox_blob(b), "uterine_fibroid_det": _bbox_patch(p),
+                 "spinal_cord_injury_loc": _bbox_main_line(ln)}
+        if t not in boxes:
+            raise KeyError(f"no synthetic rule for detection task {t!r}")
+        return _box(boxes[t], scene.scanner.size)
+    if t == "fetal_femur":
+        d = np.array([math.cos(b.theta), math.sin(b.theta)]) * b.a
+        c = np.array([b.cx, b.cy])
+        return _ordered(c - d, c + d)
+    if t == "FUGC":
+        d = np.array([math.cos(p.phi), math.sin(p.phi)]) * p.half_length
+        c = np.array([p.cx, p.cy])
+        return _ordered(c - d, c + d)
+    if t == "IUGC":
+        tail, head = np.array(ln.tail), np.array(ln.head)
+        return [tuple(tail), tuple((tail + head) / 2), tuple(head)]
+    raise KeyError(f"no synthetic rule for regression task {t!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the dataset in the FM_UIA layout
+
+_COUNT_WORDS = {1: "One", 2: "Two", 3: "Three", 4: "Four", 5: "Five", 6: "Six", 8: "Eight"}
+
+
+def _folder(spec: TaskSpec) -> Path:
+    name = FOLDER_NAMES.get(spec.id, f"synth_{spec.id}")
+    if spec.kind is TaskKind.SEGMENTATION:
+        return Path("Segmentation") / _COUNT_WORDS[spec.num_classes] / name
+    if spec.kind is TaskKind.CLASSIFICATION:
+        return Path("Classification") / _COUNT_WORDS[spec.num_classes] / name
+    if spec.kind is TaskKind.DETECTION:
+        return Path("Detection") / "One" / name
+    return Path("Regression") / name
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageJob:
+    split: str
+    owner: str  # the task whose folder holds the image
+    number: int
+    clinical_group: str
+    seed: int
+
+
+def _scene_for(job: _ImageJob) -> tuple[Scene, SceneMasks, np.random.Generator]:
+    scanner = SCANNERS[job.clinical_group]
+    rng = np.random.default_rng(job.seed)
+    scene = sample_scene(rng, scanner, visible_region(scanner), job.seed)
+    return scene, rasterise(scene), rng
+
+
+def _write_chunk(args: tuple[Path, TaskRegistry, list[_ImageJob], dict[str, list[str]]]) -> list[dict]:
+    """Render and write one chunk of images; returns CSV rows (one per task using the image)."""
+    out, registry, jobs, users = args
+    rows = []
+    for job in jobs:
+        scene, masks, rng = _scene_for(job)
+        owner = registry[job.owner]
+        folder = _folder(owner)
+        fmt = scene.scanner.image_format
+        rel_image = folder / "images" / f"{job.owner}_{job.number:05d}.{fmt}"
+        path = out / job.split / rel_image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gray = render(scene, masks, rng)
+        rgb = Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+        if fmt in ("jpg", "jpeg"):
+            rgb.save(path, quality=95)
+        elif fmt == "png":
+            rgb.save(path, compress_level=1)
+        else:
+            rgb.save(path)
+        for task_id in users[f"{job.split}/{job.owner}/{job.number}"]:
+            spec = registry[task_id]
+            row: dict = {"_split": job.split, "image_path": f"../{rel_image.as_posix()}", "task_id": task_id,
+                         "task_name": spec.kind.value, "num_classes": spec.num_classes}
+            target = task_target(spec, scene, masks)
+            if spec.kind is TaskKind.SEGMENTATION:
+                rel_mask = _folder(spec) / "masks" / f"{job.owner}_{job.number:05d}.png"
+                mask_file = out / job.split / rel_mask
+                mask_file.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(target, mode="L").save(mask_file, compress_level=1)
+                row["mask_path"] = f"../{rel_mask.as_posix()}"
+            elif spec.kind is TaskKind.CLASSIFICATION:
+                row["mask"] = target
+            elif spec.kind is TaskKind.DETECTION:
+                row.update(zip(("x_min", "y_min", "x_max", "y_max"), (round(v, 2) for v in target), strict=True))
+            else:
+                for k, (x, y) in enumerate(target, start=1):
+                    row[f"point_{k}_xy"] = f"[{x:.2f}, {y:.2f}]"
+            rows.append(row)
+    return rows
+
+
+def _csv_name(spec: TaskSpec, part: int, folder: str, n: int) -> str:
+    prefix = {"segmentation": "Seg", "classification": "Cls", "detection": "Det", "Regression": "Reg"}[spec.kind.value]
+    words = "" if spec.kind is TaskKind.REGRESSION else f"-{_COUNT_WORDS[spec.num_classes]}"
+    return f"{prefix}{words}_{part}.{folder}_{n}.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthSummary:
+    out: Path
+    counts: dict[str, dict[str, int]]  # split -> task -> rows
+    images: int
+
+
+def generate(
+    out: str | Path,
+    registry: TaskRegistry,
+    scale: str = "small",
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SynthSummary:
+    """Write the synthetic benchmark to ``out`` (``train/``, ``val/``, ``truth.yaml``)."""
+    missing = [t.id for t in registry if t.id not in TASK_FACTORS]
+    if missing:
+        raise ValueError(f"task {missing[0]!r} has no synthetic rule (the benchmark covers the 27 FM_UIA tasks)")
+    out = Path(out)
+    counts_train = synthetic_counts(registry, scale)
+    split_counts = {"train": counts_train, "val": {t: validation_count(n, scale) for t, n in counts_train.items()}}
+    shared = {task: (source, share) for task, source, share in SHARED_IMAGES if task in registry and source in registry}
+    jobs: list[_ImageJob] = []
+    users: dict[str, list[str]] = {}
+    task_index = {t.id: i for i, t in enumerate(registry)}
+    for split_no, (split, counts) in enumerate(split_counts.items()):
+        reused = {}
+        for spec in registry:
+            source, share = shared.get(spec.id, (None, 0.0))
+            reused[spec.id] = min(round(share * counts[spec.id]), counts[source]) if source else 0
+            for i in range(reused[spec.id], counts[spec.id]):
+                users[f"{split}/{spec.id}/{i}"] = [spec.id]
+                seed_i = int(np.random.SeedSequence([seed, split_no, task_index[spec.id], i]).generate_state(1)[0])
+                jobs.append(_ImageJob(split, spec.id, i, spec.clinical_group, seed_i))
+        for task_id, (source, _) in shared.items():
+            for i in range(reused[task_id]):  # the source task's first images serve this task too
+                users[f"{split}/{source}/{i}"].append(task_id)
+    if out.exists():
+        for split in split_counts:
+            shutil.rmtree(out / split, ignore_errors=True)
+    workers = workers or min(4, os.cpu_count() or 1)
+    chunk = max(1, math.ceil(len(jobs) / (workers * 8)))
+    chunks = [(out, registry, jobs[i : i + chunk], users) for i in range(0, len(jobs), chunk)]
+    rows: list[dict] = []
+    done = 0
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for result, (_, _, part, _) in zip(pool.map(_write_chunk, chunks), chunks, strict=True):
+                rows.extend(result)
+                done += len(part)
+                if progress:
+                    progress(done, len(jobs))
+    else:
+        for c in chunks:
+            rows.extend(_write_chunk(c))
+            done += len(c[2])
+            if progress:
+                progress(done, len(jobs))
+    _write_csvs(out, registry, rows)
+    _write_truth(out, registry, scale, seed, split_counts)
+    return SynthSummary(out, split_counts, len(jobs))
+
+
+def _write_csvs(out: Path, registry: TaskRegistry, rows: list[dict]) -> None:
+    import pandas as pd
+
+    by_split_task: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        by_split_task.setdefault((r.pop("_split"), r["task_id"]), []).append(r)
+    for split in ("train", "val"):
+        folder = out / split / "csv_files"
+        folder.mkdir(parents=True, exist_ok=True)
+        for spec in registry:
+            sub = sorted(by_split_task.get((split, spec.id), []), key=lambda r: r["image_path"])
+            name = FOLDER_NAMES.get(spec.id, f"synth_{spec.id}")
+            cols = ["image_path", "task_id", "task_name", "num_classes"]
+            cols += {"segmentation": ["mask_path"], "classification": ["mask"],
+                     "detection": ["x_min", "y_min", "x_max", "y_max"]}.get(
+                spec.kind.value, [f"point_{k}_xy" for k in range(1, spec.num_classes + 1)])
+            # one task spans two CSV files, as breast_3cls does in the real release
+            parts = [sub[: len(sub) // 2], sub[len(sub) // 2 :]] if spec.id == "breast_3cls" else [sub]
+            for k, part in enumerate(parts, start=1):
+                pd.DataFrame(part, columns=cols).to_csv(folder / _csv_name(spec, k, name, len(part)), index=False)
+
+
+def _write_truth(out: Path, registry: TaskRegistry, scale: str, seed: int, counts: dict) -> None:
+    truth = {
+        "description": "Synthetic FM_UIA-like benchmark with a planted task-affinity structure; "
+        "see taskgroup.data.synthetic. Each task's label depends on one structure; tasks sharing a "
+        "structure form a planted group.",
+        "scale": scale,
+        "seed": seed,
+        "structures": {
+            "blob": "dark ellipse with bright rim and posterior enhancement: size, elongation, orientation, position",
+            "texture": "rotated rectangle of oriented stripes with a perpendicular core: stripe orientation, period, size",
+            "lines": "bright segments with acoustic shadows, main one with a knob: direction, length, count",
+        },
+        "planted_groups": {g: list(ids) for g, ids in planted_groups().items()},
+        "tasks": {t.id: {"structure": TASK_FACTORS[t.id].structure, "rule": TASK_FACTORS[t.id].rule,
+                         "clinical_group": t.clinical_group, "type": t.kind.value,
+                         "train": counts["train"][t.id], "val": counts["val"][t.id]} for t in registry},
+        "scanners": {g: dataclasses.asdict(s) for g, s in SCANNERS.items()},
+    }
+    (out / "truth.yaml").write_text(yaml.safe_dump(truth, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def read_truth(path: str | Path) -> dict:
+    """The truth written next to a synthetic dataset (``truth.yaml``)."""
+    path = Path(path)
+    file = path / "truth.yaml" if path.is_dir() else path
+    return yaml.safe_load(file.read_text(encoding="utf-8"))
+
+
+def planted_labels(task_ids: Sequence[str]) -> list[int]:
+    """Planted group index per task, for adjusted Rand index against a found grouping."""
+    return [STRUCTURES.index(TASK_FACTORS[t].structure) for t in task_ids]

@@ -1,0 +1,102 @@
+"""Score a prediction folder against a ground-truth root with the official FM_UIA metrics.
+
+The official scorer skips a missing prediction; here a missing prediction counts as a failure
+(DSC 0 and HD the diagonal; a never-right class with uniform probabilities; IoU 0; MRE the image
+diagonal) unless ``official_skip`` is set. Either way the number missing is reported per task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from taskgroup.data.fmuia import FMUIAIndex, read_mask
+from taskgroup.data.submission import (
+    ClassificationPrediction,
+    DetectionPrediction,
+    PredictionSet,
+    RegressionPrediction,
+    SegmentationPrediction,
+)
+from taskgroup.metrics import (
+    ClassificationMetric,
+    DetectionMetric,
+    RegressionMetric,
+    SegmentationMetric,
+    build_task_metric,
+    type_level_summary,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Per-task scores (one row per task) and the 9 type-level columns."""
+
+    per_task: pd.DataFrame
+    summary: dict[str, float]
+
+    def metric_values(self) -> dict[str, dict[str, float]]:
+        """{task: {metric: value}} for the metrics each task has."""
+        out: dict[str, dict[str, float]] = {}
+        for row in self.per_task.to_dict("records"):
+            out[row["task_id"]] = {k: v for k, v in row.items() if k in METRIC_COLUMNS and not pd.isna(v)}
+        return out
+
+
+METRIC_COLUMNS = ("dsc", "hd", "accuracy", "auc", "f1_macro", "f1_weighted", "mcc", "iou", "mre")
+
+
+def evaluate_predictions(index: FMUIAIndex, predictions: PredictionSet, official_skip: bool = False) -> Evaluation:
+    """Score every task of ``index`` (the ground truth) with the predictions."""
+    rows = []
+    per_task_values: dict[str, dict[str, float]] = {}
+    for task_id, records in index.records.items():
+        spec = index.registry[task_id]
+        metric = build_task_metric(spec)
+        missing = 0
+        for r in records:
+            pred = predictions.get(task_id, r.image_path)
+            if pred is None:
+                missing += 1
+                if not official_skip:
+                    _add_failure(metric, r)
+                continue
+            _update(metric, pred, r)
+        row: dict = {"task_id": task_id, "type": spec.kind.short, "clinical_group": spec.clinical_group,
+                     "n_images": len(records), "n_missing": missing, "auc_note": ""}
+        if len(records) > missing or not official_skip:
+            values = metric.aggregate()
+            row.update(values)
+            per_task_values[task_id] = values
+            if isinstance(metric, ClassificationMetric):
+                row["auc_note"] = metric.scores().auc_note
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for col in METRIC_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = np.nan
+    frame = frame[["task_id", "type", "clinical_group", "n_images", "n_missing", *METRIC_COLUMNS, "auc_note"]]
+    return Evaluation(frame, type_level_summary(per_task_values, index.registry))
+
+
+def _add_failure(metric, record) -> None:
+    if isinstance(metric, SegmentationMetric | RegressionMetric):
+        metric.add_failure(record.size)
+    elif isinstance(metric, ClassificationMetric):
+        metric.add_failure(record.label)
+    else:
+        metric.add_failure()
+
+
+def _update(metric, pred, record) -> None:
+    if isinstance(pred, SegmentationPrediction):
+        metric.update(pred.mask, read_mask(record.mask_file))
+    elif isinstance(pred, ClassificationPrediction):
+        metric.update(np.asarray(pred.probs), record.label, pred.predicted_class)
+    elif isinstance(pred, DetectionPrediction):
+        assert isinstance(metric, DetectionMetric)
+        metric.update(pred.box, record.box)
+    elif isinstance(pred, RegressionPrediction):
+        metric.update(pred.points, record.keypoints)
