@@ -1,8 +1,8 @@
 """The ``taskgroup`` command: subcommands only, no logic (that lives in the package).
 
-    taskgroup tasks     [--registry FILE] [--data DIR]     the registry (and what a dataset holds)
-    taskgroup synth     --out DIR [--scale S] [--seed N]   write the synthetic benchmark
-    taskgroup evaluate  --gt ROOT --pred DIR               score predictions, official metrics
+taskgroup tasks     [--registry FILE] [--data DIR]     the registry (and what a dataset holds)
+taskgroup synth     --out DIR [--scale S] [--seed N]   write the synthetic benchmark
+taskgroup evaluate  --gt ROOT --pred DIR               score predictions, official metrics
 """
 
 from __future__ import annotations
@@ -30,33 +30,56 @@ console = Console()
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--registry", type=Path, default=None, help="task registry YAML (default: configs/fmuia2026.yaml)")
-    parser.add_argument("--skip-bad", action="store_true", help="leave out bad rows (each is logged to --bad-report) instead of failing")
-    parser.add_argument("--bad-report", type=Path, default=None, help="CSV file listing bad rows (default: bad_rows.csv in the current folder when --skip-bad)")
+    parser.add_argument(
+        "--registry", type=Path, default=None, help="task registry YAML (default: configs/fmuia2026.yaml)"
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out bad rows (each is logged to --bad-report) instead of failing",
+    )
+    parser.add_argument(
+        "--bad-report",
+        type=Path,
+        default=None,
+        help="CSV file listing bad rows (default: bad_rows.csv in the current folder when --skip-bad)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskgroup", description="Which ultrasound tasks should be trained together.")
+    parser = argparse.ArgumentParser(
+        prog="taskgroup", description="Which ultrasound tasks should be trained together."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tasks", help="print the task registry as a table")
     _add_data_options(p)
-    p.add_argument("--data", type=Path, default=None, help="also count the rows a dataset holds per task (FM_UIA layout)")
+    p.add_argument(
+        "--data", type=Path, default=None, help="also count the rows a dataset holds per task (FM_UIA layout)"
+    )
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("synth", help="write the embedded synthetic benchmark in the FM_UIA layout")
     p.add_argument("--out", type=Path, required=True, help="output folder (train/, val/, truth.yaml)")
-    p.add_argument("--scale", choices=sorted(SCALES), default="small", help="dataset size (tiny is for tests)")
+    p.add_argument(
+        "--scale", choices=sorted(SCALES), default="small", help="dataset size (tiny is for tests)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
     p.add_argument("--registry", type=Path, default=None)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("evaluate", help="score a prediction folder with the official metrics")
-    p.add_argument("--gt", type=Path, required=True, help="ground-truth root (FM_UIA layout, with csv_files/)")
+    p.add_argument(
+        "--gt", type=Path, required=True, help="ground-truth root (FM_UIA layout, with csv_files/)"
+    )
     p.add_argument("--pred", type=Path, required=True, help="prediction folder in the submission format")
     p.add_argument("--out", type=Path, default=None, help="where the tables go (default: PRED/evaluation)")
-    p.add_argument("--official-skip", action="store_true", help="skip missing predictions as the official scorer does (default: count them as failures)")
+    p.add_argument(
+        "--official-skip",
+        action="store_true",
+        help="skip missing predictions as the official scorer does (default: count them as failures)",
+    )
     _add_data_options(p)
     p.set_defaults(func=cmd_evaluate)
     return parser
@@ -76,15 +99,33 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             index = load_index(root, registry, skip_bad=args.skip_bad, report=_bad_report(args))
             counts[split] = index.counts()
             if index.bad_rows:
-                console.print(f"[yellow]{split}: {len(index.bad_rows)} bad row(s) left out, listed in {_bad_report(args)}[/]")
+                console.print(
+                    f"[yellow]{split}: {len(index.bad_rows)} bad row(s) left out, listed in {_bad_report(args)}[/]"
+                )
     table = Table(title=f"{registry.name}: {len(registry)} tasks")
-    for col in ("task_id", "type", "classes / keypoints", "organ", "clinical group", "train (est.)", "metrics"):
+    for col in (
+        "task_id",
+        "type",
+        "classes / keypoints",
+        "organ",
+        "clinical group",
+        "train (est.)",
+        "metrics",
+    ):
         table.add_column(col)
     for split in counts:
         table.add_column(f"{split} rows", justify="right")
     for t in registry:
         metrics = ", ".join(f"{m.name}{'↑' if m.higher_is_better else '↓'}" for m in t.metrics)
-        row = [t.id, t.kind.value, str(t.num_classes), t.organ, t.clinical_group, str(t.train_images), metrics]
+        row = [
+            t.id,
+            t.kind.value,
+            str(t.num_classes),
+            t.organ,
+            t.clinical_group,
+            str(t.train_images),
+            metrics,
+        ]
         row += [str(c.get(t.id, 0)) for c in counts.values()]
         table.add_row(*row)
     console.print(table)
@@ -102,11 +143,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("images", total=None)
-        summary = generate(args.out, registry, args.scale, args.seed, args.workers,
-                           progress=lambda done, total: progress.update(bar, completed=done, total=total))
+        summary = generate(
+            args.out,
+            registry,
+            args.scale,
+            args.seed,
+            args.workers,
+            progress=lambda done, total: progress.update(bar, completed=done, total=total),
+        )
     total = {split: sum(c.values()) for split, c in summary.counts.items()}
-    console.print(f"wrote {summary.images} images to {summary.out} "
-                  f"({', '.join(f'{s}: {n} rows' for s, n in total.items())}); truth in {summary.out / 'truth.yaml'}")
+    console.print(
+        f"wrote {summary.images} images to {summary.out} "
+        f"({', '.join(f'{s}: {n} rows' for s, n in total.items())}); truth in {summary.out / 'truth.yaml'}"
+    )
     return 0
 
 
@@ -129,8 +178,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for col in ("task_id", "type", "n", "missing", *METRIC_COLUMNS):
         table.add_column(col, justify="right" if col not in ("task_id", "type") else "left")
     for row in result.per_task.to_dict("records"):
-        table.add_row(row["task_id"], row["type"], str(row["n_images"]), str(row["n_missing"]),
-                      *[_fmt(row[c]) for c in METRIC_COLUMNS])
+        table.add_row(
+            row["task_id"],
+            row["type"],
+            str(row["n_images"]),
+            str(row["n_missing"]),
+            *[_fmt(row[c]) for c in METRIC_COLUMNS],
+        )
     console.print(table)
     summary = Table(title="type-level summary (the 9 leaderboard columns)")
     for col, _, _ in LEADERBOARD_COLUMNS:

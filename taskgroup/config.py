@@ -76,9 +76,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "con
         key = sorted(unknown)[0]
         raise ConfigError(f"{where}: unknown key {key!r}; {did_you_mean(key, fields)}")
     hints = typing.get_type_hints(cls)
-    kwargs = {
-        name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()
-    }
+    kwargs = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -122,7 +120,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            return tuple(
+                _convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         item = args[0] if args else Any
         return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (dict, Mapping):

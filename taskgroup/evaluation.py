@@ -48,7 +48,9 @@ class Evaluation:
 METRIC_COLUMNS = ("dsc", "hd", "accuracy", "auc", "f1_macro", "f1_weighted", "mcc", "iou", "mre")
 
 
-def evaluate_predictions(index: FMUIAIndex, predictions: PredictionSet, official_skip: bool = False) -> Evaluation:
+def evaluate_predictions(
+    index: FMUIAIndex, predictions: PredictionSet, official_skip: bool = False
+) -> Evaluation:
     """Score every task of ``index`` (the ground truth) with the predictions."""
     rows = []
     per_task_values: dict[str, dict[str, float]] = {}
@@ -64,8 +66,14 @@ def evaluate_predictions(index: FMUIAIndex, predictions: PredictionSet, official
                     _add_failure(metric, r)
                 continue
             _update(metric, pred, r)
-        row: dict = {"task_id": task_id, "type": spec.kind.short, "clinical_group": spec.clinical_group,
-                     "n_images": len(records), "n_missing": missing, "auc_note": ""}
+        row: dict = {
+            "task_id": task_id,
+            "type": spec.kind.short,
+            "clinical_group": spec.clinical_group,
+            "n_images": len(records),
+            "n_missing": missing,
+            "auc_note": "",
+        }
         if len(records) > missing or not official_skip:
             values = metric.aggregate()
             row.update(values)

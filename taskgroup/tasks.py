@@ -33,9 +33,7 @@ class TaskKind(enum.StrEnum):
     @property
     def short(self) -> str:
         """The short name used in tables: seg, cls, det, reg."""
-        return {"segmentation": "seg", "classification": "cls", "detection": "det"}.get(
-            self.value, "reg"
-        )
+        return {"segmentation": "seg", "classification": "cls", "detection": "det"}.get(self.value, "reg")
 
     @classmethod
     def parse(cls, name: str, where: str = "") -> TaskKind:
@@ -87,7 +85,9 @@ class TaskSpec:
         for m in self.metrics:
             if m.name == name:
                 return m
-        raise KeyError(f"task {self.id} has no metric {name!r}; {did_you_mean(name, [m.name for m in self.metrics])}")
+        raise KeyError(
+            f"task {self.id} has no metric {name!r}; {did_you_mean(name, [m.name for m in self.metrics])}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,16 @@ class TaskRegistry:
         return TaskRegistry(self.name, tuple(chosen), {g: ids for g, ids in groups.items() if ids})
 
 
-_TASK_KEYS = {"id", "type", "num_classes", "organ", "clinical_group", "train_images", "class_names", "hflip_changes_label"}
+_TASK_KEYS = {
+    "id",
+    "type",
+    "num_classes",
+    "organ",
+    "clinical_group",
+    "train_images",
+    "class_names",
+    "hflip_changes_label",
+}
 
 
 def parse_registry(data: Mapping[str, Any], source: str) -> TaskRegistry:
@@ -145,7 +154,9 @@ def parse_registry(data: Mapping[str, Any], source: str) -> TaskRegistry:
         specs = []
         for metric, direction in spec.items():
             if direction not in ("higher", "lower"):
-                raise ConfigError(f"{source}: metric {kind_name}.{metric}: direction must be 'higher' or 'lower', got {direction!r}")
+                raise ConfigError(
+                    f"{source}: metric {kind_name}.{metric}: direction must be 'higher' or 'lower', got {direction!r}"
+                )
             specs.append(MetricSpec(metric, direction == "higher"))
         metrics[kind] = tuple(specs)
     tasks: list[TaskSpec] = []
@@ -158,7 +169,9 @@ def parse_registry(data: Mapping[str, Any], source: str) -> TaskRegistry:
         where = f"{source}: task {task_id}"
         extra = set(row) - _TASK_KEYS
         if extra:
-            raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r}; {did_you_mean(sorted(extra)[0], _TASK_KEYS)}")
+            raise ConfigError(
+                f"{where}: unknown key {sorted(extra)[0]!r}; {did_you_mean(sorted(extra)[0], _TASK_KEYS)}"
+            )
         if task_id in seen:
             raise ConfigError(f"{where}: duplicate task id {task_id!r}")
         seen.add(task_id)
@@ -170,16 +183,25 @@ def parse_registry(data: Mapping[str, Any], source: str) -> TaskRegistry:
             raise ConfigError(f"{where}: num_classes must be an integer, got {num!r}")
         minimum = {TaskKind.SEGMENTATION: 2, TaskKind.CLASSIFICATION: 2, TaskKind.REGRESSION: 1}.get(kind, 1)
         if num < minimum or (kind is TaskKind.DETECTION and num != 1):
-            raise ConfigError(f"{where}: num_classes {num} is invalid for {kind.value} (detection: exactly 1; segmentation and classification: >= 2; Regression: >= 1 keypoint)")
+            raise ConfigError(
+                f"{where}: num_classes {num} is invalid for {kind.value} (detection: exactly 1; segmentation and classification: >= 2; Regression: >= 1 keypoint)"
+            )
         names = tuple(str(n) for n in row.get("class_names") or ())
         if names and len(names) != num:
             raise ConfigError(f"{where}: {len(names)} class_names for num_classes {num}")
-        tasks.append(TaskSpec(
-            id=task_id, kind=kind, num_classes=num, organ=str(row.get("organ", "")),
-            clinical_group=str(row.get("clinical_group", "")),
-            train_images=int(row.get("train_images", 0)), metrics=metrics[kind],
-            class_names=names, hflip_changes_label=bool(row.get("hflip_changes_label", False)),
-        ))
+        tasks.append(
+            TaskSpec(
+                id=task_id,
+                kind=kind,
+                num_classes=num,
+                organ=str(row.get("organ", "")),
+                clinical_group=str(row.get("clinical_group", "")),
+                train_images=int(row.get("train_images", 0)),
+                metrics=metrics[kind],
+                class_names=names,
+                hflip_changes_label=bool(row.get("hflip_changes_label", False)),
+            )
+        )
     if not tasks:
         raise ConfigError(f"{source}: no tasks")
     groups: dict[str, tuple[str, ...]] = {}
@@ -187,9 +209,13 @@ def parse_registry(data: Mapping[str, Any], source: str) -> TaskRegistry:
     for group, members in (data.get("clinical_groups") or {}).items():
         for task_id in members:
             if task_id not in seen:
-                raise ConfigError(f"{source}: clinical group {group!r} names unknown task {task_id!r}; {did_you_mean(task_id, seen)}")
+                raise ConfigError(
+                    f"{source}: clinical group {group!r} names unknown task {task_id!r}; {did_you_mean(task_id, seen)}"
+                )
             if task_id in owner:
-                raise ConfigError(f"{source}: task {task_id!r} is in clinical groups {owner[task_id]!r} and {group!r}")
+                raise ConfigError(
+                    f"{source}: task {task_id!r} is in clinical groups {owner[task_id]!r} and {group!r}"
+                )
             owner[task_id] = group
         groups[str(group)] = tuple(members)
     if groups:
@@ -198,7 +224,9 @@ def parse_registry(data: Mapping[str, Any], source: str) -> TaskRegistry:
             raise ConfigError(f"{source}: task {missing[0]!r} is in no clinical group")
         for t in tasks:
             if t.clinical_group and t.clinical_group != owner[t.id]:
-                raise ConfigError(f"{source}: task {t.id!r} says clinical_group {t.clinical_group!r} but is listed under {owner[t.id]!r}")
+                raise ConfigError(
+                    f"{source}: task {t.id!r} says clinical_group {t.clinical_group!r} but is listed under {owner[t.id]!r}"
+                )
     return TaskRegistry(str(data.get("name", Path(source).stem)), tuple(tasks), groups)
 
 

@@ -3,8 +3,24 @@ embedded synthetic benchmark."""
 
 from __future__ import annotations
 
-from taskgroup.data.dataset import Batch, Example, TaskDataset, collate_examples, scale_points, to_original_points
-from taskgroup.data.fmuia import BadRow, FMUIAIndex, Record, find_roots, load_index, read_csvs, read_mask, resolve_path
+from taskgroup.data.dataset import (
+    Batch,
+    Example,
+    TaskDataset,
+    collate_examples,
+    scale_points,
+    to_original_points,
+)
+from taskgroup.data.fmuia import (
+    BadRow,
+    FMUIAIndex,
+    Record,
+    find_roots,
+    load_index,
+    read_csvs,
+    read_mask,
+    resolve_path,
+)
 from taskgroup.data.sampler import MultiTaskBatchSampler, SamplingStrategy, task_probabilities
 from taskgroup.data.split import Split, split_index
 from taskgroup.data.submission import (

@@ -91,7 +91,9 @@ class FMUIAIndex:
         try:
             return self.records[task_id]
         except KeyError:
-            raise KeyError(f"task {task_id!r} has no rows under {self.root}; {did_you_mean(task_id, self.records)}") from None
+            raise KeyError(
+                f"task {task_id!r} has no rows under {self.root}; {did_you_mean(task_id, self.records)}"
+            ) from None
 
 
 def resolve_path(root: Path, csv_path: str) -> Path:
@@ -107,7 +109,9 @@ def find_roots(path: str | Path) -> dict[str, Path]:
         return {"train": path}
     roots = {name: path / name for name in ("train", "val", "test") if (path / name / "csv_files").is_dir()}
     if not roots:
-        raise DataError(f"{path}: no csv_files/ folder here nor under train/ or val/ (expected the FM_UIA layout)")
+        raise DataError(
+            f"{path}: no csv_files/ folder here nor under train/ or val/ (expected the FM_UIA layout)"
+        )
     return roots
 
 
@@ -161,9 +165,11 @@ def load_index(
         if wanted is not None and task_id not in wanted:
             continue
         try:
-            records[task_id].append(_parse_row(root, row, registry, mask_cache))
+            record = _parse_row(root, row, registry, mask_cache)
         except _RowError as exc:
             bad.append(BadRow(row["_source"], int(row["_line"]), task_id or "<empty>", str(exc)))
+            continue
+        records[task_id].append(record)
     if bad:
         if report is not None:
             write_bad_rows(bad, report)
@@ -200,7 +206,9 @@ def _parse_row(root: Path, row: Mapping[str, str], registry: TaskRegistry, mask_
         raise _RowError(f"unknown task_id {task_id!r}; {did_you_mean(task_id, registry.ids)}")
     spec = registry[task_id]
     if row["task_name"].strip() != spec.kind.value:
-        raise _RowError(f"task_name {row['task_name']!r} disagrees with the registry's type {spec.kind.value!r}")
+        raise _RowError(
+            f"task_name {row['task_name']!r} disagrees with the registry's type {spec.kind.value!r}"
+        )
     try:
         num = int(float(row["num_classes"]))
     except ValueError:
@@ -210,7 +218,14 @@ def _parse_row(root: Path, row: Mapping[str, str], registry: TaskRegistry, mask_
     image_path = row["image_path"]
     image_file = resolve_path(root, image_path)
     size = _image_size(image_file, "image")
-    common = dict(task_id=task_id, image_path=image_path, image_file=image_file, source=row["_source"], line=int(row["_line"]), size=size)
+    common = dict(
+        task_id=task_id,
+        image_path=image_path,
+        image_file=image_file,
+        source=row["_source"],
+        line=int(row["_line"]),
+        size=size,
+    )
     if spec.kind is TaskKind.SEGMENTATION:
         mask_path = row.get("mask_path", "")
         if not mask_path:
@@ -220,7 +235,9 @@ def _parse_row(root: Path, row: Mapping[str, str], registry: TaskRegistry, mask_
             mask_cache[mask_file] = _mask_size_and_max(mask_file)
         mask_size, max_value = mask_cache[mask_file]
         if mask_size != size:
-            raise _RowError(f"mask {mask_path!r} is {mask_size[1]}x{mask_size[0]} (WxH) but its image is {size[1]}x{size[0]}")
+            raise _RowError(
+                f"mask {mask_path!r} is {mask_size[1]}x{mask_size[0]} (WxH) but its image is {size[1]}x{size[0]}"
+            )
         if max_value >= spec.num_classes:
             raise _RowError(f"mask {mask_path!r} has value {max_value} >= num_classes {spec.num_classes}")
         return Record(**common, mask_path=mask_path, mask_file=mask_file)
@@ -242,7 +259,9 @@ def _image_size(path: Path, what: str) -> tuple[int, int]:
     if not path.is_file():
         raise _RowError(f"{what} file not found: {path}")
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise _RowError(f"{what} {path} has extension {path.suffix!r}; expected one of {', '.join(IMAGE_EXTENSIONS)}")
+        raise _RowError(
+            f"{what} {path} has extension {path.suffix!r}; expected one of {', '.join(IMAGE_EXTENSIONS)}"
+        )
     try:
         with Image.open(path) as im:
             width, height = im.size
@@ -270,7 +289,9 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise DataError(f"mask {path} is unreadable: {exc}") from None
     if array.ndim == 3:
         if not (array[..., :3] == array[..., :1]).all():
-            raise DataError(f"mask {path} has {array.shape[2]} different channels; expected a single-channel class-index mask")
+            raise DataError(
+                f"mask {path} has {array.shape[2]} different channels; expected a single-channel class-index mask"
+            )
         array = array[..., 0]
     return array.astype(np.int64)
 
@@ -297,22 +318,30 @@ def _parse_box(row: Mapping[str, str], size: tuple[int, int]) -> tuple[float, fl
 
 def _parse_keypoints(row: Mapping[str, str], spec: TaskSpec) -> tuple[tuple[float, float], ...]:
     present = sorted(
-        (int(col[len("point_"):-len("_xy")]), col)
+        (int(col[len("point_") : -len("_xy")]), col)
         for col, value in row.items()
         if col.startswith("point_") and col.endswith("_xy") and str(value).strip()
     )
     numbers = [n for n, _ in present]
     if numbers != list(range(1, spec.num_keypoints + 1)):
-        raise _RowError(f"{len(present)} keypoint column(s) {numbers} but the task has {spec.num_keypoints} (point_1_xy..point_{spec.num_keypoints}_xy)")
+        raise _RowError(
+            f"{len(present)} keypoint column(s) {numbers} but the task has {spec.num_keypoints} (point_1_xy..point_{spec.num_keypoints}_xy)"
+        )
     points = []
     for _, col in present:
         raw = row[col]
         try:
             value = json.loads(raw)
-            ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            ok = (
+                isinstance(value, list)
+                and len(value) == 2
+                and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+                )
+            )
         except json.JSONDecodeError:
             ok = False
         if not ok:
-            raise _RowError(f"{col} is {raw!r}; expected \"[x, y]\" with two finite numbers")
+            raise _RowError(f'{col} is {raw!r}; expected "[x, y]" with two finite numbers')
         points.append((float(value[0]), float(value[1])))
     return tuple(points)

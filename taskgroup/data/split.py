@@ -49,7 +49,7 @@ def split_index(index: FMUIAIndex, val_fraction: float = 0.2, seed: int = 0) -> 
         for pos, record in enumerate(records):
             by_image[record.image_file].append((task_id, pos))
             sizes[_stratum(record)] += 1
-    quota = {s: int(round(val_fraction * n)) for s, n in sizes.items()}
+    quota = {s: round(val_fraction * n) for s, n in sizes.items()}
     taken: Counter = Counter()
     images = sorted(by_image)  # a stable order before the seeded shuffle
     rng = np.random.default_rng(seed)

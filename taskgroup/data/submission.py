@@ -90,26 +90,39 @@ def write_predictions(out_dir: str | Path, predictions: Iterable[Prediction]) ->
                 raise DataError(f"task {p.task_id}: {p.image_path}: mask values must be 0..255")
             Image.fromarray(p.mask.astype(np.uint8), mode="L").save(path)
         elif isinstance(p, ClassificationPrediction):
-            entries[TaskKind.CLASSIFICATION].append({
-                "image_path": p.image_path, "task_id": p.task_id,
-                "predicted_class": int(p.predicted_class), "predicted_probs": [float(v) for v in p.probs],
-            })
+            entries[TaskKind.CLASSIFICATION].append(
+                {
+                    "image_path": p.image_path,
+                    "task_id": p.task_id,
+                    "predicted_class": int(p.predicted_class),
+                    "predicted_probs": [float(v) for v in p.probs],
+                }
+            )
         elif isinstance(p, DetectionPrediction):
             box = np.asarray(p.box, dtype=np.float64)
-            entries[TaskKind.DETECTION].append({
-                "image_path": p.image_path, "task_id": p.task_id,
-                "bbox_normalized": _normalised(box, p.size), "bbox_pixels": box.tolist(),
-            })
+            entries[TaskKind.DETECTION].append(
+                {
+                    "image_path": p.image_path,
+                    "task_id": p.task_id,
+                    "bbox_normalized": _normalised(box, p.size),
+                    "bbox_pixels": box.tolist(),
+                }
+            )
         else:
             points = np.asarray(p.points, dtype=np.float64)
-            entries[TaskKind.REGRESSION].append({
-                "image_path": p.image_path, "task_id": p.task_id,
-                "predicted_points_normalized": _normalised(points, p.size),
-                "predicted_points_pixels": points.reshape(-1).tolist(),
-            })
+            entries[TaskKind.REGRESSION].append(
+                {
+                    "image_path": p.image_path,
+                    "task_id": p.task_id,
+                    "predicted_points_normalized": _normalised(points, p.size),
+                    "predicted_points_pixels": points.reshape(-1).tolist(),
+                }
+            )
     for kind, items in entries.items():
         if items:
-            (out_dir / FILES[kind]).write_text(json.dumps(items, indent=1, ensure_ascii=False), encoding="utf-8")
+            (out_dir / FILES[kind]).write_text(
+                json.dumps(items, indent=1, ensure_ascii=False), encoding="utf-8"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +166,9 @@ def read_predictions(pred_dir: str | Path, index: FMUIAIndex) -> PredictionSet:
                     probs = tuple(float(v) for v in item["predicted_probs"])
                     if len(probs) != spec.num_classes:
                         raise ValueError(f"{len(probs)} probabilities for {spec.num_classes} classes")
-                    pred: Prediction = ClassificationPrediction(image_path, task_id, int(item["predicted_class"]), probs)
+                    pred: Prediction = ClassificationPrediction(
+                        image_path, task_id, int(item["predicted_class"]), probs
+                    )
                 elif kind is TaskKind.DETECTION:
                     box = [float(v) for v in item["bbox_pixels"]]
                     if len(box) != 4:
@@ -162,8 +177,12 @@ def read_predictions(pred_dir: str | Path, index: FMUIAIndex) -> PredictionSet:
                 else:
                     flat = [float(v) for v in item["predicted_points_pixels"]]
                     if len(flat) != 2 * spec.num_keypoints:
-                        raise ValueError(f"{len(flat)} values in predicted_points_pixels, expected {2 * spec.num_keypoints}")
-                    pred = RegressionPrediction(image_path, task_id, tuple(zip(flat[0::2], flat[1::2], strict=True)))
+                        raise ValueError(
+                            f"{len(flat)} values in predicted_points_pixels, expected {2 * spec.num_keypoints}"
+                        )
+                    pred = RegressionPrediction(
+                        image_path, task_id, tuple(zip(flat[0::2], flat[1::2], strict=True))
+                    )
             except (KeyError, TypeError, ValueError) as exc:
                 raise DataError(f"{where}: malformed prediction: {exc}") from None
             entries[(task_id, image_path)] = pred
@@ -174,7 +193,9 @@ def read_predictions(pred_dir: str | Path, index: FMUIAIndex) -> PredictionSet:
             assert r.mask_path is not None
             path = mask_prediction_path(pred_dir, r.mask_path)
             if path.exists():
-                entries[(task_id, r.image_path)] = SegmentationPrediction(r.image_path, task_id, r.mask_path, read_mask(path))
+                entries[(task_id, r.image_path)] = SegmentationPrediction(
+                    r.image_path, task_id, r.mask_path, read_mask(path)
+                )
     return PredictionSet(pred_dir, entries)
 
 

@@ -40,7 +40,7 @@ import functools
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -68,9 +68,15 @@ TASK_FACTORS: dict[str, TaskFactor] = {
     "breast_lesion": TaskFactor("blob", "mask of the blob (rim and core)"),
     "fetal_heart": TaskFactor("blob", "mask of the blob's dark core"),
     "cardiac_multi": TaskFactor("blob", "1 rim, 2 core, 3 posterior enhancement below the blob"),
-    "fetal_abdomen_multi": TaskFactor("blob", "the blob cut into image-axis quadrants about its centre: 1 top-left, 2 top-right, 3 bottom-left, 4 bottom-right"),
+    "fetal_abdomen_multi": TaskFactor(
+        "blob",
+        "the blob cut into image-axis quadrants about its centre: 1 top-left, 2 top-right, 3 bottom-left, 4 bottom-right",
+    ),
     "lung_2cls": TaskFactor("blob", "blob size: 0 small, 1 large"),
-    "fetal_sacral_pos_cls": TaskFactor("blob", "octant of the blob centre around the image centre (45 degree sectors, angle from +x towards +y, y pointing down)"),
+    "fetal_sacral_pos_cls": TaskFactor(
+        "blob",
+        "octant of the blob centre around the image centre (45 degree sectors, angle from +x towards +y, y pointing down)",
+    ),
     "organ_cls": TaskFactor("blob", "blob major-axis orientation in 30 degree bins"),
     "thyroid_nodule_det": TaskFactor("blob", "bounding box of the blob"),
     "fetal_femur": TaskFactor("blob", "the two ends of the blob's major axis (point 1 = smaller x)"),
@@ -98,6 +104,19 @@ TASK_FACTORS: dict[str, TaskFactor] = {
 
 STRUCTURES = ("blob", "texture", "lines")
 
+#: the scene factor that is each classification task's label
+CLASS_FACTORS = {
+    "lung_2cls": "blob.size",
+    "fetal_sacral_pos_cls": "blob.octant",
+    "organ_cls": "blob.orientation",
+    "fetal_plane_cls": "texture.orientation",
+    "breast_2cls": "texture.period",
+    "liver_lesion_2cls": "texture.size",
+    "fetal_head_pos_cls": "lines.direction",
+    "lung_disease_3cls": "lines.count",
+    "breast_3cls": "lines.length",
+}
+
 
 def planted_groups() -> dict[str, tuple[str, ...]]:
     """The planted groups: structure name -> task ids."""
@@ -122,7 +141,7 @@ FOLDER_NAMES = {
 }
 
 SCALES = {"tiny": 60, "small": 1200, "medium": 3000}  # train images of the most common task
-TINY_FLOOR = 6  # only the "tiny" test scale lifts its rarest tasks to this floor
+TINY_FLOOR = 8  # only the "tiny" test scale lifts its rarest tasks to this floor
 
 
 def synthetic_counts(registry: TaskRegistry, scale: str) -> dict[str, int]:
@@ -139,7 +158,7 @@ def synthetic_counts(registry: TaskRegistry, scale: str) -> dict[str, int]:
 
 def validation_count(n_train: int, scale: str) -> int:
     """Validation images of a task: 20 % of train, at least a floor that keeps metrics stable."""
-    floor = 4 if scale == "tiny" else 30
+    floor = 8 if scale == "tiny" else 30
     return max(floor, round(0.2 * n_train))
 
 
@@ -269,8 +288,8 @@ def _bbox_main_line(lines: Lines) -> np.ndarray:
     return np.concatenate([lo, hi])
 
 
-def _valid_boxes(boxes: np.ndarray, region: np.ndarray, avoid: Sequence[np.ndarray] = ()) -> np.ndarray:
-    """(N,) which candidate boxes (N, 4) xyxy lie in the field of view and clear of ``avoid``."""
+def _in_view(boxes: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """(N,) which candidate boxes (N, 4) xyxy lie inside the image and the field of view."""
     height, width = region.shape
     x0, y0, x1, y1 = boxes.T
     ok = (x0 >= 1) & (y0 >= 1) & (x1 <= width - 1) & (y1 <= height - 1)
@@ -279,6 +298,13 @@ def _valid_boxes(boxes: np.ndarray, region: np.ndarray, avoid: Sequence[np.ndarr
         xi = np.clip(xs, 0, width - 1).astype(int)
         yi = np.clip(ys, 0, height - 1).astype(int)
         ok &= region[yi, xi]
+    return ok
+
+
+def _clear_of(boxes: np.ndarray, avoid: Sequence[np.ndarray]) -> np.ndarray:
+    """(N,) which candidate boxes overlap none of the boxes in ``avoid``."""
+    x0, y0, x1, y1 = boxes.T
+    ok = np.ones(len(boxes), dtype=bool)
     for b in avoid:
         ok &= (x1 <= b[0]) | (b[2] <= x0) | (y1 <= b[1]) | (b[3] <= y0)
     return ok
@@ -289,8 +315,18 @@ def _first(ok: np.ndarray) -> int | None:
     return int(hits[0]) if hits.size else None
 
 
-def sample_scene(rng: np.random.Generator, scanner: Scanner, region: np.ndarray, seed: int = 0) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    scanner: Scanner,
+    region: np.ndarray,
+    seed: int = 0,
+    fixed: Mapping[str, int] | None = None,
+) -> Scene:
     """Draw the latent factors of one image; every class of every rule is equally likely.
+
+    ``fixed`` sets some class factors (keys of :data:`CLASS_FACTORS`' values) instead of drawing
+    them: the generator cycles the classes of a classification task so that every split of
+    every size holds every class.
 
     Structures are placed by rejection (in batches of candidates, vectorised) so that they lie
     in the field of view and do not overlap: a label never depends on an occluded structure.
@@ -300,27 +336,36 @@ def sample_scene(rng: np.random.Generator, scanner: Scanner, region: np.ndarray,
     n = 64  # candidates per batch
     for _attempt in range(50):
         # blob: size class, orientation bin, octant of its centre around the image centre
-        large = int(rng.integers(2))
+        large = _draw(rng, fixed, "blob.size", 2)
         a = s * (rng.uniform(0.15, 0.18) if large else rng.uniform(0.09, 0.115))
         b = a / rng.uniform(1.55, 1.9)
-        orient_bin = int(rng.integers(6))
+        orient_bin = _draw(rng, fixed, "blob.orientation", 6)
         theta = math.radians(orient_bin * 30 + 15 + rng.uniform(-8, 8))
-        octant = int(rng.integers(8))
+        octant = _draw(rng, fixed, "blob.octant", 8)
         ang = math.radians(octant * 45 + 22.5 + rng.uniform(-12, 12))
         r = s * rng.uniform(0.15, 0.21)
-        blob = Blob(width / 2 + r * math.cos(ang), 0.58 * height + r * math.sin(ang), a, b, theta,
-                    max(1.6, 0.028 * s), large, octant, orient_bin)
-        if not _valid_boxes(_bbox_blob(blob)[None], region)[0]:
+        blob = Blob(
+            width / 2 + r * math.cos(ang),
+            0.58 * height + r * math.sin(ang),
+            a,
+            b,
+            theta,
+            max(1.6, 0.028 * s),
+            large,
+            octant,
+            orient_bin,
+        )
+        if not _in_view(_bbox_blob(blob)[None], region)[0]:
             continue
         bbox_b = _bbox_blob(blob, pad=0.02 * s)
         bbox_b[3] += 0.11 * s  # keep the posterior enhancement below the blob clear
         # texture patch: size class, stripe period class, stripe orientation bin; free position
-        large_p = int(rng.integers(2))
+        large_p = _draw(rng, fixed, "texture.size", 2)
         hl = s * (rng.uniform(0.18, 0.21) if large_p else rng.uniform(0.12, 0.145))
         hw = s * rng.uniform(0.095, 0.11)
-        fine = int(rng.integers(2))
+        fine = _draw(rng, fixed, "texture.period", 2)
         period = s * (0.065 if fine else 0.12) * rng.uniform(0.95, 1.05)
-        p_bin = int(rng.integers(6))
+        p_bin = _draw(rng, fixed, "texture.orientation", 6)
         psi = math.radians(p_bin * 30 + 15 + rng.uniform(-6, 6))
         cx = rng.uniform(0.1, 0.9, n) * width
         cy = rng.uniform(0.2, 0.9, n) * height
@@ -329,39 +374,46 @@ def sample_scene(rng: np.random.Generator, scanner: Scanner, region: np.ndarray,
         ey = np.abs(hl * np.sin(phi)) + np.abs(hw * np.cos(phi))
         boxes = np.stack([cx - ex, cy - ey, cx + ex, cy + ey], axis=1)
         pad = 0.02 * s
-        k = _first(_valid_boxes(boxes, region) & _valid_boxes(boxes + [-pad, -pad, pad, pad], np.ones_like(region), [bbox_b]))
+        k = _first(_in_view(boxes, region) & _clear_of(boxes + np.array([-pad, -pad, pad, pad]), [bbox_b]))
         if k is None:
             continue
         patch = Patch(float(cx[k]), float(cy[k]), hl, hw, float(phi[k]), psi, period, large_p, fine, p_bin)
         bbox_p = _bbox_patch(patch, 0.03 * s)
         # lines: main line direction bin and length bin, 0-2 secondary lines; free positions
-        length_bin = int(rng.integers(3))
+        length_bin = _draw(rng, fixed, "lines.length", 3)
         length = s * (0.2, 0.3, 0.4)[length_bin] * rng.uniform(0.94, 1.06)
-        d_bin = int(rng.integers(8))
+        d_bin = _draw(rng, fixed, "lines.direction", 8)
         alpha = math.radians(d_bin * 45 + 22.5 + rng.uniform(-10, 10))
         thickness, knob, shadow = max(1.6, 0.03 * s), max(2.2, 0.045 * s), 0.16 * s
         tails = np.stack([rng.uniform(0.05, 0.95, n) * width, rng.uniform(0.15, 0.8, n) * height], axis=1)
         heads = tails + length * np.array([math.cos(alpha), math.sin(alpha)])
         lo = np.minimum(tails, heads) - knob
         hi = np.maximum(tails, heads) + knob
-        visible = _valid_boxes(np.concatenate([lo, hi], axis=1), region)
-        with_shadow = np.concatenate([lo, hi + [0, shadow]], axis=1)
-        k = _first(visible & _valid_boxes(with_shadow, np.ones((height * 2, width * 2), bool), [bbox_b, bbox_p]))
+        visible = _in_view(np.concatenate([lo, hi], axis=1), region)
+        with_shadow = np.concatenate([lo, hi + np.array([0, shadow])], axis=1)
+        k = _first(visible & _clear_of(with_shadow, [bbox_b, bbox_p]))
         if k is None:
             continue
         tail, head = tails[k], heads[k]
         avoid = [bbox_b, bbox_p]
         others: list[tuple[tuple[float, float], tuple[float, float]]] = []
-        for _ in range(int(rng.integers(3))):
-            starts = np.stack([rng.uniform(0.05, 0.95, n) * width, rng.uniform(0.15, 0.8, n) * height], axis=1)
+        for _ in range(_draw(rng, fixed, "lines.count", 3)):
+            starts = np.stack(
+                [rng.uniform(0.05, 0.95, n) * width, rng.uniform(0.15, 0.8, n) * height], axis=1
+            )
             beta = rng.uniform(0, 2 * math.pi, n)
-            ends = starts + s * rng.uniform(0.14, 0.18, n)[:, None] * np.stack([np.cos(beta), np.sin(beta)], axis=1)
+            ends = starts + s * rng.uniform(0.14, 0.18, n)[:, None] * np.stack(
+                [np.cos(beta), np.sin(beta)], axis=1
+            )
             lo = np.minimum(starts, ends) - thickness
             hi = np.maximum(starts, ends) + thickness
-            ok = _valid_boxes(np.concatenate([lo, hi], axis=1), region)
-            ok &= _valid_boxes(np.concatenate([lo, hi + [0, shadow]], axis=1), np.ones((height * 2, width * 2), bool), avoid)
+            ok = _in_view(np.concatenate([lo, hi], axis=1), region)
+            ok &= _clear_of(np.concatenate([lo, hi + np.array([0, shadow])], axis=1), avoid)
             # clear of the main line and of the other secondary lines (they are counted apart)
-            for seg_a, seg_b, gap in [(tail, head, 2.5 * knob), *[(np.array(o[0]), np.array(o[1]), 2 * thickness) for o in others]]:
+            for seg_a, seg_b, gap in [
+                (tail, head, 2.5 * knob),
+                *[(np.array(o[0]), np.array(o[1]), 2 * thickness) for o in others],
+            ]:
                 ok &= _segment_distance(starts, ends, seg_a, seg_b) >= gap
             j = _first(ok)
             if j is None:
@@ -370,7 +422,15 @@ def sample_scene(rng: np.random.Generator, scanner: Scanner, region: np.ndarray,
         else:
             lines = Lines(tuple(tail), tuple(head), tuple(others), thickness, knob, shadow, d_bin, length_bin)
             return Scene(scanner, blob, patch, lines, seed)
-    raise RuntimeError(f"could not place the structures of scene {seed} in a {width}x{height} {scanner.probe} view")
+    raise RuntimeError(
+        f"could not place the structures of scene {seed} in a {width}x{height} {scanner.probe} view"
+    )
+
+
+def _draw(rng: np.random.Generator, fixed: Mapping[str, int] | None, name: str, classes: int) -> int:
+    """A class factor: drawn uniformly (always consuming the generator), unless fixed."""
+    value = int(rng.integers(classes))
+    return int(fixed[name]) if fixed and name in fixed else value
 
 
 def _segment_distance(starts: np.ndarray, ends: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -429,7 +489,7 @@ def _below(mask: np.ndarray, depth: float) -> np.ndarray:
 def _under(mask: np.ndarray, depth: float) -> np.ndarray:
     """Pixels up to ``depth`` rows below any pixel of ``mask`` (an acoustic shadow)."""
     out = np.zeros_like(mask)
-    steps = int(round(depth))
+    steps = round(depth)
     shifted = mask.copy()
     for _ in range(steps):
         shifted = np.vstack([np.zeros((1, mask.shape[1]), dtype=bool), shifted[:-1]])
@@ -474,9 +534,15 @@ def rasterise(scene: Scene) -> SceneMasks:
     shadow = _under(main | others, ln.shadow_depth)
     region = visible_region(scene.scanner)
     return SceneMasks(
-        blob_rim=outer & ~core & region, blob_core=core & region, blob_enhancement=enhancement & region,
-        patch_outer=patch & ~p_core & region, patch_core=p_core & region, patch_border=border & region,
-        main_line=main & region, other_lines=others & ~main & region, shadow=shadow & ~others & region,
+        blob_rim=outer & ~core & region,
+        blob_core=core & region,
+        blob_enhancement=enhancement & region,
+        patch_outer=patch & ~p_core & region,
+        patch_core=p_core & region,
+        patch_border=border & region,
+        main_line=main & region,
+        other_lines=others & ~main & region,
+        shadow=shadow & ~others & region,
     )
 
 
@@ -484,7 +550,6 @@ def render(scene: Scene, masks: SceneMasks, rng: np.random.Generator) -> np.ndar
     """(H, W) uint8 ultrasound-like image of a scene: tissue, structures, speckle, sector."""
     sc = scene.scanner
     height, width = sc.size
-    s = min(height, width)
     xx, yy = _grid(sc.size)
     coarse = rng.standard_normal((height // 8 + 2, width // 8 + 2))
     field = ndimage.zoom(coarse, 8, order=1)[:height, :width]
@@ -577,17 +642,25 @@ def task_target(spec: TaskSpec, scene: Scene, masks: SceneMasks):
         return m
     if spec.kind is TaskKind.CLASSIFICATION:
         labels = {
-            "lung_2cls": b.large, "fetal_sacral_pos_cls": b.octant, "organ_cls": b.orientation_bin,
-            "fetal_plane_cls": p.orientation_bin, "breast_2cls": p.fine, "liver_lesion_2cls": p.large,
-            "fetal_head_pos_cls": ln.direction_bin, "lung_disease_3cls": len(ln.others),
+            "lung_2cls": b.large,
+            "fetal_sacral_pos_cls": b.octant,
+            "organ_cls": b.orientation_bin,
+            "fetal_plane_cls": p.orientation_bin,
+            "breast_2cls": p.fine,
+            "liver_lesion_2cls": p.large,
+            "fetal_head_pos_cls": ln.direction_bin,
+            "lung_disease_3cls": len(ln.others),
             "breast_3cls": ln.length_bin,
         }
         if t not in labels:
             raise KeyError(f"no synthetic rule for classification task {t!r}")
         return int(labels[t])
     if spec.kind is TaskKind.DETECTION:
-        boxes = {"thyroid_nodule_det": _bbox_blob(b), "uterine_fibroid_det": _bbox_patch(p),
-                 "spinal_cord_injury_loc": _bbox_main_line(ln)}
+        boxes = {
+            "thyroid_nodule_det": _bbox_blob(b),
+            "uterine_fibroid_det": _bbox_patch(p),
+            "spinal_cord_injury_loc": _bbox_main_line(ln),
+        }
         if t not in boxes:
             raise KeyError(f"no synthetic rule for detection task {t!r}")
         return _box(boxes[t], scene.scanner.size)
@@ -629,12 +702,13 @@ class _ImageJob:
     number: int
     clinical_group: str
     seed: int
+    fixed: dict[str, int] | None = None  # class factors set to cycle the task's classes
 
 
 def _scene_for(job: _ImageJob) -> tuple[Scene, SceneMasks, np.random.Generator]:
     scanner = SCANNERS[job.clinical_group]
     rng = np.random.default_rng(job.seed)
-    scene = sample_scene(rng, scanner, visible_region(scanner), job.seed)
+    scene = sample_scene(rng, scanner, visible_region(scanner), job.seed, job.fixed)
     return scene, rasterise(scene), rng
 
 
@@ -660,8 +734,13 @@ def _write_chunk(args: tuple[Path, TaskRegistry, list[_ImageJob], dict[str, list
             rgb.save(path)
         for task_id in users[f"{job.split}/{job.owner}/{job.number}"]:
             spec = registry[task_id]
-            row: dict = {"_split": job.split, "image_path": f"../{rel_image.as_posix()}", "task_id": task_id,
-                         "task_name": spec.kind.value, "num_classes": spec.num_classes}
+            row: dict = {
+                "_split": job.split,
+                "image_path": f"../{rel_image.as_posix()}",
+                "task_id": task_id,
+                "task_name": spec.kind.value,
+                "num_classes": spec.num_classes,
+            }
             target = task_target(spec, scene, masks)
             if spec.kind is TaskKind.SEGMENTATION:
                 rel_mask = _folder(spec) / "masks" / f"{job.owner}_{job.number:05d}.png"
@@ -672,7 +751,9 @@ def _write_chunk(args: tuple[Path, TaskRegistry, list[_ImageJob], dict[str, list
             elif spec.kind is TaskKind.CLASSIFICATION:
                 row["mask"] = target
             elif spec.kind is TaskKind.DETECTION:
-                row.update(zip(("x_min", "y_min", "x_max", "y_max"), (round(v, 2) for v in target), strict=True))
+                row.update(
+                    zip(("x_min", "y_min", "x_max", "y_max"), (round(v, 2) for v in target), strict=True)
+                )
             else:
                 for k, (x, y) in enumerate(target, start=1):
                     row[f"point_{k}_xy"] = f"[{x:.2f}, {y:.2f}]"
@@ -681,7 +762,9 @@ def _write_chunk(args: tuple[Path, TaskRegistry, list[_ImageJob], dict[str, list
 
 
 def _csv_name(spec: TaskSpec, part: int, folder: str, n: int) -> str:
-    prefix = {"segmentation": "Seg", "classification": "Cls", "detection": "Det", "Regression": "Reg"}[spec.kind.value]
+    prefix = {"segmentation": "Seg", "classification": "Cls", "detection": "Det", "Regression": "Reg"}[
+        spec.kind.value
+    ]
     words = "" if spec.kind is TaskKind.REGRESSION else f"-{_COUNT_WORDS[spec.num_classes]}"
     return f"{prefix}{words}_{part}.{folder}_{n}.csv"
 
@@ -704,11 +787,20 @@ def generate(
     """Write the synthetic benchmark to ``out`` (``train/``, ``val/``, ``truth.yaml``)."""
     missing = [t.id for t in registry if t.id not in TASK_FACTORS]
     if missing:
-        raise ValueError(f"task {missing[0]!r} has no synthetic rule (the benchmark covers the 27 FM_UIA tasks)")
+        raise ValueError(
+            f"task {missing[0]!r} has no synthetic rule (the benchmark covers the 27 FM_UIA tasks)"
+        )
     out = Path(out)
     counts_train = synthetic_counts(registry, scale)
-    split_counts = {"train": counts_train, "val": {t: validation_count(n, scale) for t, n in counts_train.items()}}
-    shared = {task: (source, share) for task, source, share in SHARED_IMAGES if task in registry and source in registry}
+    split_counts = {
+        "train": counts_train,
+        "val": {t: validation_count(n, scale) for t, n in counts_train.items()},
+    }
+    shared = {
+        task: (source, share)
+        for task, source, share in SHARED_IMAGES
+        if task in registry and source in registry
+    }
     jobs: list[_ImageJob] = []
     users: dict[str, list[str]] = {}
     task_index = {t.id: i for i, t in enumerate(registry)}
@@ -719,8 +811,11 @@ def generate(
             reused[spec.id] = min(round(share * counts[spec.id]), counts[source]) if source else 0
             for i in range(reused[spec.id], counts[spec.id]):
                 users[f"{split}/{spec.id}/{i}"] = [spec.id]
-                seed_i = int(np.random.SeedSequence([seed, split_no, task_index[spec.id], i]).generate_state(1)[0])
-                jobs.append(_ImageJob(split, spec.id, i, spec.clinical_group, seed_i))
+                seed_i = int(
+                    np.random.SeedSequence([seed, split_no, task_index[spec.id], i]).generate_state(1)[0]
+                )
+                fixed = {CLASS_FACTORS[spec.id]: i % spec.num_classes} if spec.id in CLASS_FACTORS else None
+                jobs.append(_ImageJob(split, spec.id, i, spec.clinical_group, seed_i, fixed))
         for task_id, (source, _) in shared.items():
             for i in range(reused[task_id]):  # the source task's first images serve this task too
                 users[f"{split}/{source}/{i}"].append(task_id)
@@ -763,13 +858,17 @@ def _write_csvs(out: Path, registry: TaskRegistry, rows: list[dict]) -> None:
             sub = sorted(by_split_task.get((split, spec.id), []), key=lambda r: r["image_path"])
             name = FOLDER_NAMES.get(spec.id, f"synth_{spec.id}")
             cols = ["image_path", "task_id", "task_name", "num_classes"]
-            cols += {"segmentation": ["mask_path"], "classification": ["mask"],
-                     "detection": ["x_min", "y_min", "x_max", "y_max"]}.get(
-                spec.kind.value, [f"point_{k}_xy" for k in range(1, spec.num_classes + 1)])
+            cols += {
+                "segmentation": ["mask_path"],
+                "classification": ["mask"],
+                "detection": ["x_min", "y_min", "x_max", "y_max"],
+            }.get(spec.kind.value, [f"point_{k}_xy" for k in range(1, spec.num_classes + 1)])
             # one task spans two CSV files, as breast_3cls does in the real release
             parts = [sub[: len(sub) // 2], sub[len(sub) // 2 :]] if spec.id == "breast_3cls" else [sub]
             for k, part in enumerate(parts, start=1):
-                pd.DataFrame(part, columns=cols).to_csv(folder / _csv_name(spec, k, name, len(part)), index=False)
+                pd.DataFrame(part, columns=cols).to_csv(
+                    folder / _csv_name(spec, k, name, len(part)), index=False
+                )
 
 
 def _write_truth(out: Path, registry: TaskRegistry, scale: str, seed: int, counts: dict) -> None:
@@ -785,12 +884,22 @@ def _write_truth(out: Path, registry: TaskRegistry, scale: str, seed: int, count
             "lines": "bright segments with acoustic shadows, main one with a knob: direction, length, count",
         },
         "planted_groups": {g: list(ids) for g, ids in planted_groups().items()},
-        "tasks": {t.id: {"structure": TASK_FACTORS[t.id].structure, "rule": TASK_FACTORS[t.id].rule,
-                         "clinical_group": t.clinical_group, "type": t.kind.value,
-                         "train": counts["train"][t.id], "val": counts["val"][t.id]} for t in registry},
+        "tasks": {
+            t.id: {
+                "structure": TASK_FACTORS[t.id].structure,
+                "rule": TASK_FACTORS[t.id].rule,
+                "clinical_group": t.clinical_group,
+                "type": t.kind.value,
+                "train": counts["train"][t.id],
+                "val": counts["val"][t.id],
+            }
+            for t in registry
+        },
         "scanners": {g: dataclasses.asdict(s) for g, s in SCANNERS.items()},
     }
-    (out / "truth.yaml").write_text(yaml.safe_dump(truth, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    (out / "truth.yaml").write_text(
+        yaml.safe_dump(truth, sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
 
 
 def read_truth(path: str | Path) -> dict:

@@ -9,8 +9,11 @@ value, and ``auc_note`` says why (empty when the AUC is a real one).
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
 
@@ -29,19 +32,25 @@ class ClassificationScores:
 
 def official_auc(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, str]:
     """(AUC, note): the official AUC, and a note saying why it is 0 when it failed."""
-    try:
-        if probs.shape[1] == 2:
-            return float(roc_auc_score(y_true, probs[:, 1])), ""
-        return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro")), ""
-    except ValueError as exc:
-        absent = sorted(set(range(probs.shape[1])) - set(np.unique(y_true).tolist()))
-        why = f"class(es) {absent} absent from the ground truth" if absent else str(exc)
-        return 0.0, f"AUC undefined ({why}); the official scorer reports 0"
+    problem = ""
+    with warnings.catch_warnings():
+        # recent scikit-learn returns NaN with a warning where older versions raised
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        try:
+            if probs.shape[1] == 2:
+                auc = float(roc_auc_score(y_true, probs[:, 1]))
+            else:
+                auc = float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro"))
+        except ValueError as exc:
+            auc, problem = math.nan, str(exc)
+    if math.isfinite(auc):
+        return auc, ""
+    absent = sorted(set(range(probs.shape[1])) - set(np.unique(y_true).tolist()))
+    why = f"class(es) {absent} absent from the ground truth" if absent else problem or "not finite"
+    return 0.0, f"AUC undefined ({why}); the official scorer reports 0"
 
 
-def classification_metrics(
-    y_true, probs, y_pred=None
-) -> ClassificationScores:
+def classification_metrics(y_true, probs, y_pred=None) -> ClassificationScores:
     """Scores from true labels (N,), class probabilities (N, C) and predicted labels (N,)
     (default: the argmax of ``probs``; a label outside 0..C-1, such as -1 for a missing
     prediction, is never right)."""

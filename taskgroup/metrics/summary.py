@@ -33,7 +33,9 @@ def type_level_summary(
     summary = {}
     for column, kind, metric in LEADERBOARD_COLUMNS:
         values = [
-            per_task[t.id][metric] for t in registry.of_kind(kind) if t.id in per_task and metric in per_task[t.id]
+            per_task[t.id][metric]
+            for t in registry.of_kind(kind)
+            if t.id in per_task and metric in per_task[t.id]
         ]
         summary[column] = float(np.mean(values)) if values else float("nan")
     return summary
