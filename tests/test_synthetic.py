@@ -1,0 +1,168 @@
+"""The synthetic benchmark: real layout, registry-conform tasks, and a planted truth that holds."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score
+
+from taskgroup.cli import main
+from taskgroup.data import find_roots, load_index
+from taskgroup.data.synthetic import (
+    CLASS_FACTORS,
+    SCANNERS,
+    TASK_FACTORS,
+    generate,
+    planted_groups,
+    planted_labels,
+    rasterise,
+    read_truth,
+    sample_scene,
+    synthetic_counts,
+    task_target,
+    validation_count,
+    visible_region,
+)
+
+
+def test_loader_reads_27_tasks_matching_the_registry(tiny_synth, registry):
+    roots = find_roots(tiny_synth)
+    assert set(roots) == {"train", "val"}
+    train = load_index(roots["train"], registry)  # validates types, num_classes, files, masks
+    val = load_index(roots["val"], registry)
+    assert train.task_ids == registry.ids and val.task_ids == registry.ids
+    assert train.counts() == synthetic_counts(registry, "tiny")
+    assert val.counts() == {t: validation_count(n, "tiny") for t, n in train.counts().items()}
+    paths = [r.image_path for rs in train.records.values() for r in rs]
+    assert any("\u00a0" in p for p in paths) and any("(" in p and "+" in p for p in paths)
+    assert {p.rsplit(".", 1)[1] for p in paths} == {"png", "jpg", "jpeg", "bmp"}
+
+
+def test_counts_follow_the_registry_heterogeneity(registry):
+    counts = synthetic_counts(registry, "small")
+    assert max(counts.values()) == 1200
+    assert 35 <= max(counts.values()) / min(counts.values()) <= 45  # real: 7440 / 180 = 41
+    for t in registry:  # proportional to the estimates, to rounding
+        assert counts[t.id] == pytest.approx(t.train_images * 1200 / 7440, abs=0.5)
+
+
+def test_every_class_is_present_in_every_split(tiny_synth, registry):
+    for root in find_roots(tiny_synth).values():
+        index = load_index(root, registry)
+        for spec in registry.of_kind(registry["lung_2cls"].kind):
+            labels = Counter(r.label for r in index[spec.id])
+            assert len(labels) == spec.num_classes, (root, spec.id, labels)
+
+
+def test_truth_file_and_planted_groups(tiny_synth, registry):
+    truth = read_truth(tiny_synth)
+    groups = planted_groups()
+    assert truth["planted_groups"] == {g: list(ids) for g, ids in groups.items()}
+    assert sorted(t for ids in groups.values() for t in ids) == sorted(registry.ids)
+    for ids in groups.values():
+        kinds = Counter(registry[t].kind.short for t in ids)
+        assert kinds == {"seg": 4, "cls": 3, "det": 1, "reg": 1}  # head type cannot stand in
+        assert len({registry[t].clinical_group for t in ids}) >= 3  # cuts across organs
+    clinical = [registry[t].clinical_group for t in registry.ids]
+    assert adjusted_rand_score(clinical, planted_labels(registry.ids)) < 0.1
+    # the low-data tasks sit in groups with data-rich partners
+    counts = synthetic_counts(registry, "small")
+    for t in ("fetal_heart", "organ_cls", "cervix_multi", "FUGC"):
+        partners = groups[TASK_FACTORS[t].structure]
+        assert max(counts[p] for p in partners) >= 10 * counts[t]
+
+
+@pytest.mark.parametrize("group", sorted(SCANNERS))
+def test_labels_follow_the_planted_rules(group, registry):
+    """Across many scenes: each target is visible, derived from its structure only, and
+    consistent with the others of its group (box = mask extent, points on the structure)."""
+    scanner = SCANNERS[group]
+    region = visible_region(scanner)
+    for seed in range(25):
+        rng = np.random.default_rng(seed)
+        scene = sample_scene(rng, scanner, region, seed)
+        masks = rasterise(scene)
+        target = {t: task_target(registry[t], scene, masks) for t in TASK_FACTORS}
+        blob = target["breast_lesion"] == 1
+        patch = target["thyroid_nodule"] == 1
+        lines = target["lung"] == 1
+        for m in (blob, patch, lines, target["fetal_heart"], target["ovary_tumor"], target["fetal_head"]):
+            assert m.sum() >= 8  # visible, not a speck
+        assert not (blob & patch).any() and not (blob & lines).any() and not (patch & lines).any()
+        for det, mask in (("thyroid_nodule_det", blob), ("uterine_fibroid_det", patch)):
+            ys, xs = np.nonzero(mask)
+            extent = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            assert np.abs(np.array(target[det]) - extent).max() <= 1.5, (det, seed)
+        ys, xs = np.nonzero(target["carotid_artery"])
+        box = target["spinal_cord_injury_loc"]
+        assert box[0] - 1 <= xs.min() and xs.max() + 1 <= box[2] + 1 and box[1] - 1 <= ys.min()
+        # keypoints: femur ends at the blob's tips, FUGC ends on the patch, IUGC on the main line
+        for task, mask in (("fetal_femur", blob), ("FUGC", patch), ("IUGC", target["carotid_artery"] == 1)):
+            points = np.array(target[task])
+            dist = [np.hypot(*(np.argwhere(mask)[:, ::-1] + 0.5 - p).T).min() for p in points]
+            assert max(dist) <= 2.5, (task, seed, dist)
+        assert target["fetal_femur"][0][0] <= target["fetal_femur"][1][0]
+        # classification labels are the factors of their structure
+        b, ln = scene.blob, scene.lines
+        angle = math.degrees(math.atan2(b.cy - 0.58 * scanner.size[0], b.cx - scanner.size[1] / 2)) % 360
+        assert target["fetal_sacral_pos_cls"] == int(angle // 45)
+        assert target["organ_cls"] == int(math.degrees(b.theta) % 180 // 30)
+        direction = math.degrees(math.atan2(ln.head[1] - ln.tail[1], ln.head[0] - ln.tail[0])) % 360
+        assert target["fetal_head_pos_cls"] == int(direction // 45)
+        assert target["lung_disease_3cls"] == len(ln.others)
+        assert (target["head_symphysis_multi"] == 2).any() == (len(ln.others) > 0)
+        seg = target["cardiac_multi"]
+        assert set(np.unique(seg)) == {0, 1, 2, 3}
+        quadrants = target["fetal_abdomen_multi"]
+        assert set(np.unique(quadrants)) == {0, 1, 2, 3, 4}
+
+
+def test_fixed_factors_cycle_classes(registry):
+    scanner = SCANNERS["OB"]
+    for task, factor in CLASS_FACTORS.items():
+        spec = registry[task]
+        for c in range(spec.num_classes):
+            scene = sample_scene(np.random.default_rng(c), scanner, visible_region(scanner), 0, {factor: c})
+            assert task_target(spec, scene, rasterise(scene)) == c
+
+
+def test_generation_is_deterministic_by_seed(tmp_path, registry):
+    sub = registry.subset(["breast_lesion", "breast_2cls", "IUGC"])
+    a = generate(tmp_path / "a", sub, "tiny", seed=7, workers=1)
+    generate(tmp_path / "b", sub, "tiny", seed=7, workers=2)
+    generate(tmp_path / "c", sub, "tiny", seed=8, workers=1)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 20
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    image = next(f for f in files if f.suffix == ".png" and "images" in f.parts)
+    assert (tmp_path / "a" / image).read_bytes() != (tmp_path / "c" / image).read_bytes()
+    # half of breast_2cls's rows reuse breast_lesion's images, as in the real release
+    index = load_index(tmp_path / "a" / "train", sub)
+    lesion_images = {r.image_file for r in index["breast_lesion"]}
+    n = a.counts["train"]["breast_2cls"]
+    assert sum(r.image_file in lesion_images for r in index["breast_2cls"]) == round(n / 2)
+
+
+def test_images_look_like_ultrasound(tiny_synth, registry):
+    index = load_index(tiny_synth / "train", registry)
+    record = index["fetal_head"][0]
+    image = np.asarray(Image.open(record.image_file))
+    assert image.ndim == 3 and (image[..., 0] == image[..., 1]).all()  # grey stored as RGB
+    outside = ~visible_region(SCANNERS["OB"])
+    assert image[..., 0][outside][20:].max() <= 5 or image[..., 0][outside].mean() < 3  # dark outside the fan
+    inside = image[..., 0][~outside].astype(float)
+    assert inside.std() > 20  # speckle, not a flat field
+
+
+def test_cli_synth_and_tasks(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "s"), "--scale", "tiny", "--workers", "1"]) == 0
+    assert (tmp_path / "s" / "truth.yaml").is_file()
+    capsys.readouterr()
+    assert main(["tasks", "--data", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "27 tasks" in out and "clinical groups" in out
