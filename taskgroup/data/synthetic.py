@@ -384,7 +384,7 @@ def sample_scene(
         length = s * (0.2, 0.3, 0.4)[length_bin] * rng.uniform(0.94, 1.06)
         d_bin = _draw(rng, fixed, "lines.direction", 8)
         alpha = math.radians(d_bin * 45 + 22.5 + rng.uniform(-10, 10))
-        thickness, knob, shadow = max(1.6, 0.03 * s), max(2.2, 0.045 * s), 0.16 * s
+        thickness, knob, shadow = max(1.6, 0.03 * s), max(3.0, 0.06 * s), 0.16 * s
         tails = np.stack([rng.uniform(0.05, 0.95, n) * width, rng.uniform(0.15, 0.8, n) * height], axis=1)
         heads = tails + length * np.array([math.cos(alpha), math.sin(alpha)])
         lo = np.minimum(tails, heads) - knob
