@@ -164,3 +164,57 @@ def to_mapping(config: Any) -> Any:
     if isinstance(config, Path):
         return str(config)
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Model configuration (M2DINO). Constructors never see these: ``build_model`` translates.
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """A timm DINOv3 ViT; ``None`` keeps the named model's own value."""
+
+    name: str = "vit_small_patch16_dinov3"
+    img_size: int = 224
+    patch_size: int | None = None
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.0
+    pretrained: str | None = None  # a local checkpoint (timm, safetensors or official DINOv3)
+    freeze_blocks: int = 0  # freeze the patch embedding and the first N blocks
+    freeze_encoder: bool = False  # freeze every encoder weight (routers and task embeddings train)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts in the MLPs of the last ``num_layers`` blocks.
+
+    mode: ``dense`` (plain ViT), ``moe`` (token routing, no task conditioning), ``task`` (routing
+    by the task embedding only) or ``task_token`` (task embedding and token together).
+    """
+
+    mode: Literal["dense", "moe", "task", "task_token"] = "task"
+    num_experts: int = 8
+    top_k: int = 2
+    num_layers: int = 6
+    task_embed_dim: int = 64
+    aux_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    hidden: int = 64  # channels of the head convolutions and pooling
+    neck_blocks: tuple[int, ...] = ()  # extra intermediate blocks fused into the feature map
+    cls_queries: int = 4  # learned queries of the attention-pooling classification head
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    backbone: BackboneConfig = BackboneConfig()
+    moe: MoEConfig = MoEConfig()
+    heads: HeadConfig = HeadConfig()

@@ -1,0 +1,152 @@
+"""Task heads, one per task kind, built from a :class:`TaskSpec` through a small registry.
+
+Every head reads the shared spatial feature map (B, C, h, w) of the encoder:
+
+- segmentation: a light upsampling decoder (one 3x3 conv at the token grid, then one x2
+  upsampling + 3x3 conv stage per factor of two of the patch size) to class logits at input size;
+- classification: attention pooling (a few learned queries over the feature map's positions)
+  then a linear layer (pooling by attention lets a task read one structure among several);
+- regression: K keypoint heatmaps at twice the token grid, turned into coordinates by
+  soft-argmax (integral regression, Sun et al. 2018), in [0, 1] of the resized frame;
+- detection: one box per image as two corner heatmaps with soft-argmax, plus a confidence logit
+  trained to predict the IoU of its own box.
+
+Outputs: seg (B, C, S, S) logits; cls (B, C) logits; reg (B, K, 2) normalised (x, y);
+det (B, 5) normalised xyxy and the confidence logit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taskgroup.errors import ConfigError, did_you_mean
+from taskgroup.tasks import TaskKind, TaskSpec
+
+
+class SegmentationHead(nn.Module):
+    def __init__(
+        self, in_channels: int, num_classes: int, patch_size: int, image_size: int, hidden: int = 64
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.GELU()]
+        channels = hidden
+        for _ in range(int(math.log2(patch_size))):
+            out = max(16, channels // 2)
+            layers += [
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(channels, out, 3, padding=1),
+                nn.GELU(),
+            ]
+            channels = out
+        layers.append(nn.Conv2d(channels, num_classes, 1))
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(features)
+        if logits.shape[-1] != self.image_size:  # a patch size that is not a power of two
+            logits = F.interpolate(
+                logits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        return logits
+
+
+class AttentionPool(nn.Module):
+    """Learned queries attending over the positions of a feature map: (B, C, h, w) -> (B, Q*C)."""
+
+    def __init__(self, channels: int, queries: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        heads = heads if channels % heads == 0 else 1
+        self.queries = nn.Parameter(torch.randn(queries, channels) * 0.02)
+        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(features.flatten(2).transpose(1, 2))  # (B, hw, C)
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        pooled, _ = self.attention(queries, tokens, tokens, need_weights=False)  # (B, Q, C)
+        return pooled.flatten(1)
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, queries: int = 4) -> None:
+        super().__init__()
+        self.pool = AttentionPool(in_channels, queries)
+        self.fc = nn.Linear(queries * in_channels, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(features))
+
+
+def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) logits -> (B, K, 2) expected (x, y) in [0, 1] (pixel centres)."""
+    batch, k, height, width = heatmaps.shape
+    probs = heatmaps.flatten(2).softmax(dim=-1).view(batch, k, height, width)
+    xs = (torch.arange(width, device=heatmaps.device, dtype=probs.dtype) + 0.5) / width
+    ys = (torch.arange(height, device=heatmaps.device, dtype=probs.dtype) + 0.5) / height
+    x = (probs.sum(dim=2) * xs).sum(dim=-1)
+    y = (probs.sum(dim=3) * ys).sum(dim=-1)
+    return torch.stack([x, y], dim=-1)
+
+
+class HeatmapPoints(nn.Module):
+    """K soft-argmax points from a feature map, heatmaps at twice the token grid."""
+
+    def __init__(self, in_channels: int, points: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.GELU(),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(hidden, points, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return soft_argmax(self.net(features))
+
+
+class RegressionHead(HeatmapPoints):
+    """(B, K, 2) keypoints, normalised (x, y) of the resized frame."""
+
+
+class DetectionHead(nn.Module):
+    """(B, 5): one box as normalised xyxy (two soft-argmax corners) and a confidence logit."""
+
+    def __init__(self, in_channels: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.corners = HeatmapPoints(in_channels, 2, hidden)
+        self.confidence = nn.Sequential(AttentionPool(in_channels, 1), nn.Linear(in_channels, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        p = self.corners(features)  # (B, 2, 2)
+        box = torch.cat([torch.minimum(p[:, 0], p[:, 1]), torch.maximum(p[:, 0], p[:, 1])], dim=1)
+        return torch.cat([box, self.confidence(features)], dim=1)
+
+
+HeadBuilder = Callable[[TaskSpec, int, int, int, int, int], nn.Module]
+
+#: builders by task kind: (spec, in_channels, patch_size, image_size, hidden, cls_queries) -> head
+HEADS: dict[TaskKind, HeadBuilder] = {
+    TaskKind.SEGMENTATION: lambda s, c, p, i, h, q: SegmentationHead(c, s.num_classes, p, i, h),
+    TaskKind.CLASSIFICATION: lambda s, c, p, i, h, q: ClassificationHead(c, s.num_classes, q),
+    TaskKind.DETECTION: lambda s, c, p, i, h, q: DetectionHead(c, h),
+    TaskKind.REGRESSION: lambda s, c, p, i, h, q: RegressionHead(c, s.num_keypoints, h),
+}
+
+
+def build_head(
+    spec: TaskSpec, in_channels: int, patch_size: int, image_size: int, hidden: int = 64, cls_queries: int = 4
+) -> nn.Module:
+    """The head of a task, by its kind."""
+    if spec.kind not in HEADS:
+        raise ConfigError(
+            f"task {spec.id}: no head for kind {spec.kind!r}; {did_you_mean(str(spec.kind), [k.value for k in HEADS])}"
+        )
+    return HEADS[spec.kind](spec, in_channels, patch_size, image_size, hidden, cls_queries)
