@@ -11,7 +11,7 @@ The total of a multi-task step is ``sum_t lambda_t L_t`` plus the MoE auxiliary 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +62,13 @@ LOSSES: dict[TaskKind, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 def task_loss(spec: TaskSpec, output: torch.Tensor, target: torch.Tensor, image_size: int) -> torch.Tensor:
     """The loss of one task's batch."""
     return LOSSES[spec.kind](output, target, image_size)
+
+
+def total_loss(
+    losses: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None
+) -> torch.Tensor:
+    """``sum_t lambda_t L_t`` over the tasks of a step (lambda_t = 1 unless given)."""
+    if not losses:
+        raise ValueError("no task losses to combine")
+    weights = weights or {}
+    return torch.stack([weights.get(t, 1.0) * loss for t, loss in losses.items()]).sum()

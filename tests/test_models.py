@@ -266,3 +266,16 @@ def test_outputs_map_back_to_original_pixels(fixture_root, registry):
         else:
             (pred,) = decode_outputs(spec, torch.tensor([[0.0, 2.0, 0.0]]), batch, index[task])
             assert pred.predicted_class == 1 and sum(pred.probs) == pytest.approx(1.0)
+
+
+def test_losses_by_hand():
+    from taskgroup.losses import dice_loss, regression_loss, total_loss
+
+    assert total_loss({"a": torch.tensor(2.0), "b": torch.tensor(3.0)}, {"a": 0.5}).item() == 4.0
+    logits = torch.full((1, 2, 2, 2), -20.0)
+    target = torch.tensor([[[0, 1], [1, 1]]])
+    logits[0, 0][target[0] == 0] = 20.0
+    logits[0, 1][target[0] == 1] = 20.0
+    assert dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)  # perfect prediction
+    out = torch.tensor([[[0.5, 0.5]]])
+    assert regression_loss(out, torch.tensor([[[16.0, 24.0]]]), 32).item() == pytest.approx((0 + 0.25) / 2)
