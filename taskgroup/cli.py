@@ -27,6 +27,7 @@ from taskgroup.metrics import LEADERBOARD_COLUMNS
 from taskgroup.tasks import load_registry
 
 console = Console()
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "train", help="train every network of a grouping (ts, cg, au or a file) and evaluate every task"
+    )
+    p.add_argument(
+        "--data", type=Path, default=None, help="FM_UIA root (default: the embedded synthetic benchmark)"
+    )
+    p.add_argument("--grouping", default="au", help="ts, cg, au, or a grouping YAML file (default: au)")
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"run config YAML (default: {DEFAULT_CONFIG})"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.steps_per_task=50",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder (an interrupted run resumes from it)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out bad rows (listed in RUN/bad_rows.csv) instead of failing",
+    )
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -195,6 +222,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if row["auc_note"]:
             console.print(f"[yellow]{row['task_id']}: {row['auc_note']}[/]")
     console.print(f"tables written to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from taskgroup.config import load_run_config
+    from taskgroup.groupings import load_grouping
+    from taskgroup.training import train_grouping
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.root={args.data}")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    cfg = load_run_config(args.config, overrides)
+    registry = load_registry(cfg.registry)
+    grouping = load_grouping(args.grouping, registry)
+    result = train_grouping(cfg, grouping, args.out, registry, console=console)
+    table = Table(title=f"{grouping.name}: {len(result.networks)} network(s), each task served by its best")
+    for col in ("task", "type", "network", "step", "metric", "value"):
+        table.add_column(col, justify="right" if col in ("step", "value") else "left")
+    for row in result.served.to_dict("records"):
+        table.add_row(
+            row["task"],
+            row["type"],
+            str(row["network"]),
+            str(row["step"]),
+            row["primary_metric"],
+            f"{row['value']:.4f}",
+        )
+    console.print(table)
+    console.print(f"metrics in {args.out / 'metrics.csv'}, served tasks in {args.out / 'served.csv'}")
     return 0
 
 

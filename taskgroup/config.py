@@ -218,3 +218,79 @@ class ModelConfig:
     backbone: BackboneConfig = BackboneConfig()
     moe: MoEConfig = MoEConfig()
     heads: HeadConfig = HeadConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and training configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how batches are drawn. ``root`` None = the embedded synthetic
+    benchmark, generated on first use into ``cache_dir``."""
+
+    root: str | None = None
+    synthetic_scale: Literal["tiny", "small", "medium"] = "small"
+    synthetic_seed: int = 0
+    cache_dir: str = "~/.cache/taskgroup"
+    image_size: int = 64
+    val_fraction: float = 0.2  # carved from train (per image) when the data has no val/ root
+    sampler: Literal["uniform", "proportional", "temperature"] = "uniform"
+    temperature: float = 2.0
+    batch_size: int = 32
+    preload: bool = True  # decode every image once into memory (uint8) before training
+    skip_bad: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop. ``steps_per_task`` x the number of tasks of a network gives its steps, so that
+    every task sees as many of its own batches whatever its grouping (``steps`` overrides)."""
+
+    steps_per_task: int = 100
+    steps: int | None = None
+    eval_every: int = 250
+    checkpoint_every: int = 100
+    lr_encoder: float = 1e-4
+    lr_heads: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    amp: bool = True  # bfloat16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+
+    def total_steps(self, num_tasks: int) -> int:
+        return self.steps if self.steps is not None else self.steps_per_task * num_tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    registry: str | None = None  # task registry YAML (default configs/fmuia2026.yaml)
+
+    def __post_init__(self) -> None:
+        if self.model.backbone.img_size != self.data.image_size:
+            raise ValueError(
+                f"model.backbone.img_size ({self.model.backbone.img_size}) and data.image_size "
+                f"({self.data.image_size}) must be equal"
+            )
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run config from YAML (None = all defaults) with ``key=value`` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    return from_mapping(RunConfig, apply_overrides(data, overrides), str(path or "config"))
+
+
+def config_hash(config: Any) -> str:
+    """A short stable hash of a config's plain form (what a cached result was made with)."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(to_mapping(config), sort_keys=True).encode()).hexdigest()[:12]

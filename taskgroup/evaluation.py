@@ -99,12 +99,28 @@ def _add_failure(metric, record) -> None:
 
 
 def _update(metric, pred, record) -> None:
+    gt = read_mask(record.mask_file) if isinstance(pred, SegmentationPrediction) else None
+    update_metric(metric, pred, gt if gt is not None else _target(record))
+
+
+def _target(record):
+    return (
+        record.label
+        if record.label is not None
+        else record.box
+        if record.box is not None
+        else record.keypoints
+    )
+
+
+def update_metric(metric, pred, gt) -> None:
+    """Score one prediction against its ground truth (mask (H, W), label, box or keypoints)."""
     if isinstance(pred, SegmentationPrediction):
-        metric.update(pred.mask, read_mask(record.mask_file))
+        metric.update(pred.mask, gt)
     elif isinstance(pred, ClassificationPrediction):
-        metric.update(np.asarray(pred.probs), record.label, pred.predicted_class)
+        metric.update(np.asarray(pred.probs), gt, pred.predicted_class)
     elif isinstance(pred, DetectionPrediction):
         assert isinstance(metric, DetectionMetric)
-        metric.update(pred.box, record.box)
+        metric.update(pred.box, gt)
     elif isinstance(pred, RegressionPrediction):
-        metric.update(pred.points, record.keypoints)
+        metric.update(pred.points, gt)

@@ -112,16 +112,23 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def read_image(self, index: int) -> torch.Tensor:
+        """(3, S, S) uint8: the image decoded as RGB and resized (what preloading keeps)."""
+        size = (self.image_size, self.image_size)
+        with Image.open(self.records[index].image_file) as im:
+            rgb = im.convert("RGB").resize(size[::-1], Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, S, S) -> float, scaled to [0, 1] and normalised by mean and std."""
+        mean, std = self._mean.to(images.device), self._std.to(images.device)
+        return (images.float() / 255.0 - mean) / std
+
     def __getitem__(self, index: int) -> Example:
         record = self.records[index]
-        size = (self.image_size, self.image_size)
-        with Image.open(record.image_file) as im:
-            rgb = im.convert("RGB").resize(size[::-1], Image.Resampling.BILINEAR)
-        image = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        image = (image - self._mean) / self._std
         return Example(
             task_id=self.spec.id,
-            image=image.contiguous(),
+            image=self.normalise(self.read_image(index)),
             target=self.target(record),
             original_size=record.size,
             image_path=record.image_path,

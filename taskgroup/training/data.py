@@ -1,0 +1,163 @@
+"""The data a training run needs: where it is, its splits, and batches by (task, positions).
+
+``prepare_data`` resolves the data (a user's FM_UIA root, or the embedded synthetic benchmark
+generated once into a cache folder), validates it, and picks the evaluation split: the root's
+``val/`` when it has one, else an image-level stratified split of ``train``. With ``preload``
+every image is decoded and resized once into memory as uint8 (a few hundred MB for the synthetic
+benchmark at 64 px), so a step spends almost no time on data; ground truth for evaluation is
+kept at the original resolution, as the official metrics need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from taskgroup.config import DataConfig
+from taskgroup.data import (
+    Batch,
+    FMUIAIndex,
+    Record,
+    TaskDataset,
+    collate_examples,
+    find_roots,
+    load_index,
+    read_mask,
+    split_index,
+)
+from taskgroup.data.synthetic import generate
+from taskgroup.tasks import TaskKind, TaskRegistry
+
+log = logging.getLogger("taskgroup")
+
+
+def synthetic_root(cfg: DataConfig, registry: TaskRegistry) -> Path:
+    """The synthetic benchmark in the cache folder, generated on first use (atomically)."""
+    cache = Path(os.path.expanduser(cfg.cache_dir))
+    root = cache / f"synthetic-{cfg.synthetic_scale}-seed{cfg.synthetic_seed}"
+    if (root / "truth.yaml").is_file():
+        return root
+    tmp = cache / f".{root.name}.{os.getpid()}"
+    log.info("generating the synthetic benchmark (%s) into %s", cfg.synthetic_scale, root)
+    generate(tmp, registry, cfg.synthetic_scale, cfg.synthetic_seed)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+@dataclasses.dataclass
+class SplitData:
+    """The examples of one split for some tasks: datasets, preloaded images, ground truth."""
+
+    datasets: dict[str, TaskDataset]
+    images: dict[str, torch.Tensor] | None  # task -> (N, 3, S, S) uint8 when preloaded
+    targets: dict[str, torch.Tensor] | None
+
+    def size(self, task: str) -> int:
+        return len(self.datasets[task])
+
+    def records(self, task: str) -> tuple[Record, ...]:
+        return self.datasets[task].records
+
+    def batch(self, task: str, positions: Sequence[int]) -> Batch:
+        dataset = self.datasets[task]
+        if self.images is None or self.targets is None:
+            return collate_examples([dataset[i] for i in positions])
+        idx = torch.as_tensor(list(positions), dtype=torch.long)
+        records = dataset.records
+        return Batch(
+            task_id=task,
+            images=dataset.normalise(self.images[task][idx]),
+            targets=self.targets[task][idx],
+            original_sizes=torch.tensor([records[i].size for i in positions], dtype=torch.int64),
+            image_paths=tuple(records[i].image_path for i in positions),
+            indices=idx,
+        )
+
+
+@dataclasses.dataclass
+class TrainingData:
+    train: SplitData
+    val: SplitData
+    root: Path
+    val_source: str  # "val/ root" or "split of train"
+
+
+def _split_data(
+    index_records: dict[str, Sequence[Record]],
+    registry: TaskRegistry,
+    image_size: int,
+    preload: bool,
+    label: str,
+) -> SplitData:
+    datasets = {t: TaskDataset(registry[t], recs, image_size) for t, recs in index_records.items()}
+    if not preload:
+        return SplitData(datasets, None, None)
+    images: dict[str, torch.Tensor] = {}
+    targets: dict[str, torch.Tensor] = {}
+    total = sum(len(d) for d in datasets.values())
+    with Progress(transient=True) as progress:
+        bar = progress.add_task(f"decoding {label}", total=total)
+        for task, dataset in datasets.items():
+            images[task] = torch.stack([dataset.read_image(i) for i in range(len(dataset))])
+            targets[task] = torch.stack([dataset.target(r) for r in dataset.records])
+            progress.advance(bar, len(dataset))
+    return SplitData(datasets, images, targets)
+
+
+def prepare_data(
+    cfg: DataConfig, registry: TaskRegistry, tasks: Sequence[str], report_dir: Path | None = None
+) -> TrainingData:
+    """Resolve, validate and (optionally) preload the data of some tasks."""
+    root = Path(cfg.root) if cfg.root is not None else synthetic_root(cfg, registry)
+    roots = find_roots(root)
+    report = (report_dir / "bad_rows.csv") if report_dir is not None and cfg.skip_bad else None
+    train_index = load_index(roots["train"], registry, tasks=tasks, skip_bad=cfg.skip_bad, report=report)
+    _check_tasks(train_index, tasks)
+    if "val" in roots:
+        val_report = (report_dir / "bad_rows_val.csv") if report is not None else None
+        val_index = load_index(roots["val"], registry, tasks=tasks, skip_bad=cfg.skip_bad, report=val_report)
+        _check_tasks(val_index, tasks)
+        train_records, val_records, source = dict(train_index.records), dict(val_index.records), "val/ root"
+    else:
+        split = split_index(train_index, cfg.val_fraction, seed=0)
+        train_records, val_records = split.records(train_index, "train"), split.records(train_index, "val")
+        source = f"{cfg.val_fraction:.0%} split of train"
+    order = list(tasks)
+    train_records = {t: train_records[t] for t in order}
+    val_records = {t: val_records[t] for t in order}
+    return TrainingData(
+        train=_split_data(train_records, registry, cfg.image_size, cfg.preload, "train"),
+        val=_split_data(val_records, registry, cfg.image_size, cfg.preload, "val"),
+        root=root,
+        val_source=source,
+    )
+
+
+def _check_tasks(index: FMUIAIndex, tasks: Sequence[str]) -> None:
+    from taskgroup.errors import DataError
+
+    missing = [t for t in tasks if not index.records.get(t)]
+    if missing:
+        raise DataError(f"{index.root}: no rows for task(s) {', '.join(missing)}")
+
+
+def ground_truth(records: Sequence[Record], kind: TaskKind) -> list:
+    """Original-resolution targets for the official metrics, in record order."""
+    if kind is TaskKind.SEGMENTATION:
+        return [read_mask(r.mask_file).astype(np.int64) for r in records]
+    if kind is TaskKind.CLASSIFICATION:
+        return [r.label for r in records]
+    if kind is TaskKind.DETECTION:
+        return [r.box for r in records]
+    return [r.keypoints for r in records]

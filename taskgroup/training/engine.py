@@ -1,0 +1,252 @@
+"""THE training loop: one network on any set of tasks, for every paradigm and affinity method.
+
+Each step draws one task's batch with the multi-task sampler (uniform, proportional or
+temperature), computes ``lambda_t L_t`` plus the MoE auxiliary loss, and takes an AdamW step
+(separate learning rates for the pretrained encoder and the new weights, cosine schedule with
+warm-up, gradient clipping; bfloat16 autocast and channels-last on CUDA). Everything else is a
+callback (:mod:`taskgroup.training.callbacks`): evaluation and best-per-task checkpoints,
+periodic checkpoints, progress display, affinity probes, Optuna pruning.
+
+A run survives being killed: the state saved every ``checkpoint_every`` steps (model, optimiser,
+schedule, sampler, random generators, callbacks) makes the resumed run take the very same steps
+as one never interrupted. A non-finite loss saves the last good state and stops the run with a
+message naming the task and step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from taskgroup.config import DataConfig, TrainConfig
+from taskgroup.data import Batch, MultiTaskBatchSampler
+from taskgroup.errors import TaskgroupError
+from taskgroup.evaluation import update_metric
+from taskgroup.losses import task_loss
+from taskgroup.metrics import build_task_metric
+from taskgroup.models import M2DINO, decode_outputs
+from taskgroup.tasks import TaskSpec
+from taskgroup.training.data import TrainingData, ground_truth
+
+log = logging.getLogger("taskgroup")
+
+
+class TrainingDiverged(TaskgroupError):
+    """A loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What one step did: the batches it used and each task's (unweighted) loss."""
+
+    step: int
+    batches: dict[str, Batch]
+    losses: dict[str, float]
+    total: float
+
+
+class Callback:
+    """Hooks of the loop. State returned by ``state_dict`` is checkpointed with the run."""
+
+    def on_train_start(self, engine: Engine) -> None: ...
+
+    def on_step_end(self, engine: Engine, output: StepOutput) -> None: ...
+
+    def on_evaluate(self, engine: Engine, step: int, scores: dict[str, dict[str, float]]) -> None: ...
+
+    def on_train_end(self, engine: Engine) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def build_optimiser(model: M2DINO, cfg: TrainConfig, total_steps: int):
+    """AdamW with encoder / new-weight learning rates and a warm-up + cosine schedule."""
+    groups = model.parameter_groups()
+    param_groups = [
+        {"params": groups["encoder"], "lr": cfg.lr_encoder, "name": "encoder"},
+        {"params": groups["new"], "lr": cfg.lr_heads, "name": "new"},
+    ]
+    optimiser = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+class Engine:
+    """Trains one network (a model on a set of tasks) and evaluates it with the official metrics."""
+
+    def __init__(
+        self,
+        model: M2DINO,
+        data: TrainingData,
+        tasks: Sequence[TaskSpec],
+        train_cfg: TrainConfig,
+        data_cfg: DataConfig,
+        out_dir: Path,
+        name: str,
+        callbacks: Sequence[Callback] = (),
+        device: torch.device | None = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.tasks = {t.id: t for t in tasks}
+        self.cfg = train_cfg
+        self.data_cfg = data_cfg
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.callbacks = list(callbacks)
+        self.device = device or torch.device("cpu")
+        self.total_steps = train_cfg.total_steps(len(tasks))
+        self.step = 0
+        self.model.to(self.device)
+        self.optimiser, self.scheduler = build_optimiser(model, train_cfg, self.total_steps)
+        self.sampler = MultiTaskBatchSampler(
+            {t: data.train.size(t) for t in self.tasks},
+            data_cfg.batch_size,
+            data_cfg.sampler,
+            data_cfg.temperature,
+            seed=train_cfg.seed,
+        )
+        self._ground_truth: dict[str, list] = {}
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint_dir / "last.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks},
+        }
+
+    def save_checkpoint(self, path: Path | None = None) -> Path:
+        """Write the whole state atomically (a kill mid-write leaves the previous file)."""
+        path = path or self.last_checkpoint
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        for c in self.callbacks:
+            c.load_state_dict(state["callbacks"].get(type(c).__name__, {}))
+        self.step = int(state["step"])
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> dict[str, dict[str, float]]:
+        """Official metrics per task on a split, at original resolution."""
+        data = self.data.val if split == "val" else self.data.train
+        was_training = self.model.training
+        self.model.eval()
+        scores: dict[str, dict[str, float]] = {}
+        for task, spec in self.tasks.items():
+            key = f"{split}/{task}"
+            if key not in self._ground_truth:
+                self._ground_truth[key] = ground_truth(data.records(task), spec.kind)
+            truth = self._ground_truth[key]
+            metric = build_task_metric(spec)
+            n = data.size(task)
+            for start in range(0, n, self.data_cfg.batch_size):
+                positions = list(range(start, min(n, start + self.data_cfg.batch_size)))
+                batch = data.batch(task, positions).to(self.device)
+                with self._autocast():
+                    output = self.model(self._images(batch), task)
+                for pred, pos in zip(
+                    decode_outputs(spec, output, batch, data.records(task)), positions, strict=True
+                ):
+                    update_metric(metric, pred, truth[pos])
+            scores[task] = metric.aggregate()
+        self.model.train(was_training)
+        return scores
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.cfg.amp and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _images(self, batch: Batch) -> torch.Tensor:
+        if self.cfg.channels_last and self.device.type == "cuda":
+            return batch.images.contiguous(memory_format=torch.channels_last)
+        return batch.images
+
+    def next_batch(self) -> Batch:
+        task, positions = self.sampler.next_batch()
+        return self.data.train.batch(task, positions).to(self.device, non_blocking=True)
+
+    def train_step(self) -> StepOutput:
+        """One optimiser step on one task's batch."""
+        batch = self.next_batch()
+        task = batch.task_id
+        spec = self.tasks[task]
+        with self._autocast():
+            output = self.model(self._images(batch), task)
+            loss = task_loss(spec, output.float(), batch.targets, self.data_cfg.image_size)
+            total = self.cfg.loss_weights.get(task, 1.0) * loss + self.model.aux_loss()
+        if not torch.isfinite(total):
+            path = self.save_checkpoint()
+            raise TrainingDiverged(
+                f"network {self.name}: the loss of task {task} is {total.item()} at step {self.step}; "
+                f"the last good state is saved in {path}"
+            )
+        self.optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimiser.step()
+        self.scheduler.step()
+        self.step += 1
+        return StepOutput(self.step, {task: batch}, {task: float(loss.detach())}, float(total.detach()))
+
+    def run(self) -> None:
+        """Train to ``total_steps`` (resuming from the last checkpoint if there is one)."""
+        self.model.train()
+        if self.last_checkpoint.exists():
+            self.load_checkpoint(self.last_checkpoint)
+            log.info("network %s: resumed at step %d from %s", self.name, self.step, self.last_checkpoint)
+        for c in self.callbacks:
+            c.on_train_start(self)
+        while self.step < self.total_steps:
+            output = self.train_step()
+            for c in self.callbacks:
+                c.on_step_end(self, output)
+        for c in self.callbacks:
+            c.on_train_end(self)

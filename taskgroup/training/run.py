@@ -1,0 +1,189 @@
+"""Train every network of a grouping and serve each task from its best network.
+
+A paradigm is only a way to cut the tasks into sets: TS, CG, AU and any grouping file all go
+through :func:`train_grouping`, which trains each network with the one engine and then picks, for
+every task, the network that is best for it on validation (overlapping groups, as in Standley et
+al. 2020). A run folder holds::
+
+    config.yaml  grouping.yaml  log.txt  metrics.csv  served.csv
+    networks/<name>/  network.json  metrics.csv  best.json  done.json  checkpoints/{last.pt,best/}
+
+Finished networks are never retrained; an unfinished one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from rich.console import Console
+
+from taskgroup.config import RunConfig, config_hash, to_mapping
+from taskgroup.errors import ConfigError
+from taskgroup.groupings import Grouping
+from taskgroup.models import build_model
+from taskgroup.runtime import configure_cpu, pick_device
+from taskgroup.tasks import TaskRegistry, load_registry
+from taskgroup.training.callbacks import CheckpointCallback, EvaluationCallback, ProgressCallback
+from taskgroup.training.data import TrainingData, prepare_data
+from taskgroup.training.engine import Callback, Engine
+
+log = logging.getLogger("taskgroup")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkResult:
+    name: str
+    tasks: tuple[str, ...]
+    best: dict[str, dict[str, Any]]  # task -> {"step", "value", "metrics"}
+    out_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    grouping: Grouping
+    networks: dict[str, NetworkResult]
+    served: pd.DataFrame  # one row per task: the network serving it and its metrics
+    metrics: pd.DataFrame  # tidy: network, task, step, split, metric, value
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", name)
+
+
+def network_hash(cfg: RunConfig, tasks: Sequence[str]) -> str:
+    """What a network's results depend on: the run config and its task set."""
+    return config_hash({"config": to_mapping(cfg), "tasks": sorted(tasks)})
+
+
+def train_network(
+    cfg: RunConfig,
+    registry: TaskRegistry,
+    tasks: Sequence[str],
+    out_dir: Path,
+    name: str,
+    data: TrainingData,
+    callbacks: Sequence[Callback] = (),
+    progress: Any = None,
+) -> NetworkResult:
+    """Train (or resume, or reuse) one network on ``tasks``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = network_hash(cfg, tasks)
+    meta = out_dir / "network.json"
+    if meta.exists():
+        found = json.loads(meta.read_text())
+        if found.get("hash") != key:
+            raise ConfigError(
+                f"{out_dir} holds a network trained with another config or task set; use another --out"
+            )
+    else:
+        meta.write_text(json.dumps({"name": name, "tasks": list(tasks), "hash": key}, indent=1))
+    done = out_dir / "done.json"
+    if done.exists():
+        return NetworkResult(name, tuple(tasks), json.loads(done.read_text())["best"], out_dir)
+    specs = [registry[t] for t in tasks]
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, specs)
+    evaluation = EvaluationCallback(cfg.train.eval_every)
+    all_callbacks = [
+        evaluation,
+        *callbacks,
+        CheckpointCallback(cfg.train.checkpoint_every),
+        ProgressCallback(progress),
+    ]
+    engine = Engine(model, data, specs, cfg.train, cfg.data, out_dir, name, all_callbacks, device)
+    engine.run()
+    done.write_text(json.dumps({"best": evaluation.best, "steps": engine.total_steps}, indent=1))
+    return NetworkResult(name, tuple(tasks), evaluation.best, out_dir)
+
+
+def serve_tasks(
+    grouping: Grouping, networks: dict[str, NetworkResult], registry: TaskRegistry
+) -> pd.DataFrame:
+    """For each task, the network that is best for it on validation (by its primary metric)."""
+    rows = []
+    for task in grouping.tasks:
+        spec = registry[task]
+        primary = spec.primary_metric
+        candidates = [(networks[n].best[task], n) for n in grouping.networks_of(task)]
+        pick = max if primary.higher_is_better else min
+        best, network = pick(candidates, key=lambda c: c[0]["value"])
+        rows.append(
+            {
+                "task": task,
+                "type": spec.kind.short,
+                "clinical_group": spec.clinical_group,
+                "network": network,
+                "network_size": len(networks[network].tasks),
+                "step": best["step"],
+                "primary_metric": primary.name,
+                "higher_is_better": primary.higher_is_better,
+                "value": best["value"],
+                **{f"val_{k}": v for k, v in best["metrics"].items()},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def train_grouping(
+    cfg: RunConfig,
+    grouping: Grouping,
+    out_dir: str | Path,
+    registry: TaskRegistry | None = None,
+    console: Console | None = None,
+) -> RunResult:
+    """Train every network of ``grouping`` into ``out_dir`` and serve every task."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    registry = registry or load_registry(cfg.registry)
+    configure_cpu(cfg.train.threads)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    (out_dir / "grouping.yaml").write_text(grouping.to_yaml())
+    handler = _log_to(out_dir / "log.txt")
+    try:
+        data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
+        log.info("data: %s (evaluation on the %s)", data.root, data.val_source)
+        networks: dict[str, NetworkResult] = {}
+        progress = ProgressCallback.make_progress(console)
+        with progress:
+            for name, tasks in grouping.groups.items():
+                networks[name] = train_network(
+                    cfg,
+                    registry,
+                    tasks,
+                    out_dir / "networks" / safe_name(name),
+                    name,
+                    data,
+                    progress=progress,
+                )
+        served = serve_tasks(grouping, networks, registry)
+        served.to_csv(out_dir / "served.csv", index=False)
+        frames = [
+            pd.read_csv(n.out_dir / "metrics.csv")
+            for n in networks.values()
+            if (n.out_dir / "metrics.csv").exists()
+        ]
+        metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        metrics.to_csv(out_dir / "metrics.csv", index=False)
+        return RunResult(grouping, networks, served, metrics)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
