@@ -1,0 +1,188 @@
+"""The training engine: one loop for every grouping; resume after a kill; NaN guard; serving."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from taskgroup.config import RunConfig, load_run_config, to_mapping
+from taskgroup.groupings import Grouping, load_grouping
+from taskgroup.training import Callback, TrainingDiverged, train_grouping
+
+TASKS = ["lung", "breast_3cls", "IUGC", "thyroid_nodule_det"]
+
+
+def tiny_config(root: Path, **train) -> RunConfig:
+    data = {
+        "model": {
+            "backbone": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+            "moe": {"mode": "task", "num_experts": 2, "top_k": 1, "num_layers": 1, "task_embed_dim": 8},
+            "heads": {"hidden": 16, "cls_queries": 2},
+        },
+        "data": {"root": str(root), "image_size": 32, "batch_size": 8},
+        "train": {
+            "steps": 12,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "warmup_steps": 2,
+            "threads": 1,
+            **train,
+        },
+    }
+    return load_run_config(
+        None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in data.items()]
+    )
+
+
+def test_au_run_writes_tidy_metrics_and_serves_every_task(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tiny_synth)
+    result = train_grouping(cfg, Grouping("au", {"all": tuple(TASKS)}), tmp_path / "run", registry)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(metrics.columns) == ["network", "task", "step", "split", "metric", "value"]
+    assert sorted(metrics["step"].unique()) == [4, 8, 12]
+    assert set(metrics["task"]) == set(TASKS)
+    assert set(metrics[metrics.task == "breast_3cls"]["metric"]) == {
+        "accuracy",
+        "auc",
+        "f1_macro",
+        "f1_weighted",
+        "mcc",
+    }
+    served = pd.read_csv(tmp_path / "run" / "served.csv")
+    assert list(served["task"]) == TASKS and (served["network"] == "all").all()
+    for row in served.to_dict("records"):  # the served value is the best validation value
+        values = metrics[(metrics.task == row["task"]) & (metrics.metric == row["primary_metric"])]["value"]
+        assert row["value"] == (values.max() if row["higher_is_better"] else values.min())
+    assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "log.txt").read_text()
+    best_files = {p.name for p in (tmp_path / "run" / "networks" / "all" / "checkpoints" / "best").iterdir()}
+    assert best_files == {f"step_{b['step']}.pt" for b in result.networks["all"].best.values()}
+
+
+def test_overlapping_groups_serve_each_task_from_its_best_network(tiny_synth, registry, tmp_path):
+    grouping = Grouping("overlap", {"a": ("lung", "IUGC"), "b": ("lung", "breast_3cls"), "c": ("lung",)})
+    result = train_grouping(
+        tiny_config(tiny_synth, steps=6, eval_every=3), grouping, tmp_path / "run", registry
+    )
+    served = result.served.set_index("task")
+    values = {n: result.networks[n].best["lung"]["value"] for n in ("a", "b", "c")}
+    assert served.loc["lung", "network"] == max(values, key=values.get)
+    assert served.loc["lung", "value"] == max(values.values())
+    assert served.loc["IUGC", "network"] == "a" and served.loc["breast_3cls", "network"] == "b"
+
+
+class Crash(Callback):
+    """Stands in for a kill: stops the process at a step that is not a checkpoint step."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, engine, output) -> None:
+        if output.step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_synth, registry, tmp_path):
+    from taskgroup.training import prepare_data, train_network
+
+    cfg = tiny_config(tiny_synth)
+    data = prepare_data(cfg.data, registry, TASKS)
+    straight = train_network(cfg, registry, TASKS, tmp_path / "straight", "n", data)
+    with pytest.raises(KeyboardInterrupt):
+        train_network(cfg, registry, TASKS, tmp_path / "resumed", "n", data, callbacks=[Crash(7)])
+    assert not (tmp_path / "resumed" / "done.json").exists()
+    resumed = train_network(cfg, registry, TASKS, tmp_path / "resumed", "n", data)
+    a = pd.read_csv(tmp_path / "straight" / "metrics.csv")
+    b = pd.read_csv(tmp_path / "resumed" / "metrics.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert straight.best == resumed.best
+
+
+@pytest.mark.slow
+def test_kill_9_and_rerun_ends_with_the_uninterrupted_metrics(tiny_synth, tmp_path):
+    """The real thing: ``taskgroup train`` killed with SIGKILL, then the same command again."""
+    cfg = tiny_config(tiny_synth, steps=40, eval_every=10, checkpoint_every=5)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(to_mapping(cfg)))
+    grouping = tmp_path / "g.yaml"
+    grouping.write_text(yaml.safe_dump({"groups": {"pair": ["lung", "IUGC"]}}))
+
+    def command(out: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-c",
+            "from taskgroup.cli import run; run()",
+            "train",
+            "--config",
+            str(config),
+            "--grouping",
+            str(grouping),
+            "--out",
+            str(out),
+        ]
+
+    env = {**os.environ, "COLUMNS": "200"}
+    subprocess.run(command(tmp_path / "straight"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(
+        command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    last = tmp_path / "killed" / "networks" / "pair" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few more steps, past the checkpoint
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "served.csv").exists()
+    subprocess.run(command(tmp_path / "killed"), check=True, env=env, capture_output=True)
+    a = pd.read_csv(tmp_path / "straight" / "metrics.csv")
+    b = pd.read_csv(tmp_path / "killed" / "metrics.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert "resumed at step" in (tmp_path / "killed" / "log.txt").read_text()
+
+
+def test_nan_guard_names_task_and_step_after_saving(tiny_synth, registry, tmp_path, capsys):
+    cfg = tiny_config(tiny_synth, loss_weights={"lung": math.nan})
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"network all: the loss of task lung is nan at step \d+; the last good state is saved in .*last.pt",
+    ):
+        train_grouping(cfg, Grouping("au", {"all": tuple(TASKS)}), tmp_path / "run", registry)
+    assert (tmp_path / "run" / "networks" / "all" / "checkpoints" / "last.pt").exists()
+    from taskgroup.cli import main
+
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(to_mapping(cfg)))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "cli")]) == 2
+    assert "loss of task lung is nan" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_groupings(registry, tmp_path):
+    assert len(load_grouping("ts", registry).groups) == 27
+    assert load_grouping("cg", registry).groups["breast"] == ("breast_lesion", "breast_2cls", "breast_3cls")
+    assert load_grouping("au", registry).tasks == registry.ids
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"groups": [["lung", "IUGC"], ["lung"]]}))
+    g = load_grouping(path, registry)
+    assert g.groups == {"g1": ("lung", "IUGC"), "g2": ("lung",)} and g.networks_of("lung") == ("g1", "g2")
+    path.write_text(yaml.safe_dump({"groups": {"x": ["lung", "lungs"]}}))
+    with pytest.raises(Exception, match=r"g.yaml: group 'x' names unknown task 'lungs'; did you mean 'lung'"):
+        load_grouping(path, registry)
+
+
+def test_run_config_checks():
+    with pytest.raises(
+        Exception, match=r"model.backbone.img_size \(64\) and data.image_size \(32\) must be equal"
+    ):
+        load_run_config(Path("configs/tiny.yaml"), ["data.image_size=32"])
+    with pytest.raises(Exception, match="unknown key 'stepz'"):
+        load_run_config(Path("configs/tiny.yaml"), ["train.stepz=3"])
