@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from taskgroup.config import RunConfig, load_run_config, to_mapping
@@ -186,3 +188,38 @@ def test_run_config_checks():
         load_run_config(Path("configs/tiny.yaml"), ["data.image_size=32"])
     with pytest.raises(Exception, match="unknown key 'stepz'"):
         load_run_config(Path("configs/tiny.yaml"), ["train.stepz=3"])
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one(tiny_synth, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo on the CPU), each rank half of every batch, ends with
+    the metrics of one process training on whole batches (within float tolerance)."""
+    cfg = tiny_config(tiny_synth, steps=12, eval_every=6, checkpoint_every=6)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(to_mapping(cfg)))
+    grouping = tmp_path / "g.yaml"
+    grouping.write_text(yaml.safe_dump({"groups": {"net": ["lung", "IUGC", "breast_3cls"]}}))
+    args = ["-m", "taskgroup", "train", "--config", str(config), "--grouping", str(grouping)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launcher, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = pd.read_csv(tmp_path / "one" / "metrics.csv")
+    b = pd.read_csv(tmp_path / "two" / "metrics.csv")
+    merged = a.merge(b, on=["network", "task", "step", "split", "metric"], validate="one_to_one")
+    assert len(merged) == len(a) == len(b) > 0
+    np.testing.assert_allclose(merged["value_x"], merged["value_y"], rtol=1e-3, atol=1e-2)
+    one = torch.load(tmp_path / "one" / "networks" / "net" / "checkpoints" / "last.pt", weights_only=False)[
+        "model"
+    ]
+    two = torch.load(tmp_path / "two" / "networks" / "net" / "checkpoints" / "last.pt", weights_only=False)[
+        "model"
+    ]
+    for key, value in one.items():
+        if not key.endswith(".load"):  # expert-load counts are per rank
+            torch.testing.assert_close(two[key], value, atol=1e-2, rtol=0)

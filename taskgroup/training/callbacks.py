@@ -38,6 +38,8 @@ class EvaluationCallback(Callback):
         return engine.out_dir / "checkpoints" / "best"
 
     def on_train_start(self, engine: Engine) -> None:
+        if not engine.dist.is_main:
+            return
         file = self.metrics_file(engine)
         if file.exists():  # a resumed run: drop rows of steps after the checkpoint
             rows = pd.read_csv(file)
@@ -51,15 +53,16 @@ class EvaluationCallback(Callback):
 
     def evaluate(self, engine: Engine, step: int) -> dict[str, dict[str, float]]:
         scores = engine.evaluate("val")
-        file = self.metrics_file(engine)
-        new = not file.exists()
-        with file.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(METRIC_FIELDS)
-            for task, values in scores.items():
-                for metric, value in values.items():
-                    writer.writerow([engine.name, task, step, "val", metric, value])
+        if engine.dist.is_main:
+            file = self.metrics_file(engine)
+            new = not file.exists()
+            with file.open("a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(METRIC_FIELDS)
+                for task, values in scores.items():
+                    for metric, value in values.items():
+                        writer.writerow([engine.name, task, step, "val", metric, value])
         improved = []
         for task, values in scores.items():
             primary = engine.tasks[task].primary_metric
@@ -71,7 +74,7 @@ class EvaluationCallback(Callback):
             if better:
                 self.best[task] = {"step": step, "value": value, "metrics": values}
                 improved.append(task)
-        if improved:
+        if improved and engine.dist.is_main:
             torch.save(engine.model.state_dict(), self.best_dir(engine) / f"step_{step}.pt")
             self._remove_unreferenced(engine)
         log.info(
@@ -94,7 +97,8 @@ class EvaluationCallback(Callback):
                 file.unlink()
 
     def on_train_end(self, engine: Engine) -> None:
-        (engine.out_dir / "best.json").write_text(json.dumps(self.best, indent=1))
+        if engine.dist.is_main:
+            (engine.out_dir / "best.json").write_text(json.dumps(self.best, indent=1))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
@@ -139,6 +143,8 @@ class ProgressCallback(Callback):
         )
 
     def on_train_start(self, engine: Engine) -> None:
+        if not engine.dist.is_main:
+            return
         if self.progress is None:
             self.progress = self.make_progress()
             self.progress.start()
@@ -147,6 +153,8 @@ class ProgressCallback(Callback):
         )
 
     def on_step_end(self, engine: Engine, output: StepOutput) -> None:
+        if self._bar is None:
+            return
         for task, loss in output.losses.items():
             self.ema[task] = loss if task not in self.ema else 0.9 * self.ema[task] + 0.1 * loss
         worst = sorted(self.ema.items(), key=lambda kv: -kv[1])[: self.shown]
@@ -157,7 +165,7 @@ class ProgressCallback(Callback):
         self.progress.update(self._bar, completed=output.step, losses=text)
 
     def on_train_end(self, engine: Engine) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self._bar is not None:
             self.progress.update(self._bar, completed=engine.total_steps)
             if self._own:
                 self.progress.stop()

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from taskgroup.config import DataConfig, TrainConfig
 from taskgroup.data import Batch, MultiTaskBatchSampler
@@ -37,6 +38,7 @@ from taskgroup.metrics import build_task_metric
 from taskgroup.models import M2DINO, decode_outputs
 from taskgroup.tasks import TaskSpec
 from taskgroup.training.data import TrainingData, ground_truth
+from taskgroup.training.distributed import DistInfo, barrier
 
 log = logging.getLogger("taskgroup")
 
@@ -104,7 +106,9 @@ class Engine:
         name: str,
         callbacks: Sequence[Callback] = (),
         device: torch.device | None = None,
+        dist_info: DistInfo | None = None,
     ) -> None:
+        self.dist = dist_info or DistInfo()
         self.model = model
         self.data = data
         self.tasks = {t.id: t for t in tasks}
@@ -117,6 +121,14 @@ class Engine:
         self.total_steps = train_cfg.total_steps(len(tasks))
         self.step = 0
         self.model.to(self.device)
+        # the module that is called in training: DDP-wrapped when several processes train
+        self.network: nn.Module = model
+        if self.dist.enabled:
+            self.network = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         self.optimiser, self.scheduler = build_optimiser(model, train_cfg, self.total_steps)
         self.sampler = MultiTaskBatchSampler(
             {t: data.train.size(t) for t in self.tasks},
@@ -150,11 +162,14 @@ class Engine:
         }
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
-        """Write the whole state atomically (a kill mid-write leaves the previous file)."""
+        """Write the whole state atomically (a kill mid-write leaves the previous file); only
+        rank 0 writes, the others wait for it."""
         path = path or self.last_checkpoint
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        if self.dist.is_main:
+            tmp = path.with_suffix(".tmp")
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        barrier(self.dist)
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -210,6 +225,8 @@ class Engine:
 
     def next_batch(self) -> Batch:
         task, positions = self.sampler.next_batch()
+        if self.dist.enabled:  # every rank drew the same batch: take this rank's shard
+            positions = positions[self.dist.rank :: self.dist.world]
         return self.data.train.batch(task, positions).to(self.device, non_blocking=True)
 
     def train_step(self) -> StepOutput:
@@ -218,7 +235,7 @@ class Engine:
         task = batch.task_id
         spec = self.tasks[task]
         with self._autocast():
-            output = self.model(self._images(batch), task)
+            output = self.network(self._images(batch), task)
             loss = task_loss(spec, output.float(), batch.targets, self.data_cfg.image_size)
             total = self.cfg.loss_weights.get(task, 1.0) * loss + self.model.aux_loss()
         if not torch.isfinite(total):

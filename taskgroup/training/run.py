@@ -30,10 +30,11 @@ from taskgroup.config import RunConfig, config_hash, to_mapping
 from taskgroup.errors import ConfigError
 from taskgroup.groupings import Grouping
 from taskgroup.models import build_model
-from taskgroup.runtime import configure_cpu, pick_device
+from taskgroup.runtime import configure_cpu
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training.callbacks import CheckpointCallback, EvaluationCallback, ProgressCallback
 from taskgroup.training.data import TrainingData, prepare_data
+from taskgroup.training.distributed import barrier, init_distributed
 from taskgroup.training.engine import Callback, Engine
 
 log = logging.getLogger("taskgroup")
@@ -77,6 +78,7 @@ def train_network(
     """Train (or resume, or reuse) one network on ``tasks``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    dist_info, device = init_distributed(cfg.train.device)
     key = network_hash(cfg, tasks)
     meta = out_dir / "network.json"
     if meta.exists():
@@ -85,13 +87,12 @@ def train_network(
             raise ConfigError(
                 f"{out_dir} holds a network trained with another config or task set; use another --out"
             )
-    else:
+    elif dist_info.is_main:
         meta.write_text(json.dumps({"name": name, "tasks": list(tasks), "hash": key}, indent=1))
     done = out_dir / "done.json"
     if done.exists():
         return NetworkResult(name, tuple(tasks), json.loads(done.read_text())["best"], out_dir)
     specs = [registry[t] for t in tasks]
-    device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, specs)
     evaluation = EvaluationCallback(cfg.train.eval_every)
@@ -101,9 +102,11 @@ def train_network(
         CheckpointCallback(cfg.train.checkpoint_every),
         ProgressCallback(progress),
     ]
-    engine = Engine(model, data, specs, cfg.train, cfg.data, out_dir, name, all_callbacks, device)
+    engine = Engine(model, data, specs, cfg.train, cfg.data, out_dir, name, all_callbacks, device, dist_info)
     engine.run()
-    done.write_text(json.dumps({"best": evaluation.best, "steps": engine.total_steps}, indent=1))
+    if dist_info.is_main:
+        done.write_text(json.dumps({"best": evaluation.best, "steps": engine.total_steps}, indent=1))
+    barrier(dist_info)
     return NetworkResult(name, tuple(tasks), evaluation.best, out_dir)
 
 
@@ -155,9 +158,11 @@ def train_grouping(
     out_dir.mkdir(parents=True, exist_ok=True)
     registry = registry or load_registry(cfg.registry)
     configure_cpu(cfg.train.threads)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
-    (out_dir / "grouping.yaml").write_text(grouping.to_yaml())
-    handler = _log_to(out_dir / "log.txt")
+    dist_info, _ = init_distributed(cfg.train.device)
+    if dist_info.is_main:
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+        (out_dir / "grouping.yaml").write_text(grouping.to_yaml())
+    handler = _log_to(out_dir / "log.txt") if dist_info.is_main else logging.NullHandler()
     try:
         data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
         log.info("data: %s (evaluation on the %s)", data.root, data.val_source)
@@ -175,14 +180,15 @@ def train_grouping(
                     progress=progress,
                 )
         served = serve_tasks(grouping, networks, registry)
-        served.to_csv(out_dir / "served.csv", index=False)
         frames = [
             pd.read_csv(n.out_dir / "metrics.csv")
             for n in networks.values()
             if (n.out_dir / "metrics.csv").exists()
         ]
         metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        metrics.to_csv(out_dir / "metrics.csv", index=False)
+        if dist_info.is_main:
+            served.to_csv(out_dir / "served.csv", index=False)
+            metrics.to_csv(out_dir / "metrics.csv", index=False)
         return RunResult(grouping, networks, served, metrics)
     finally:
         log.removeHandler(handler)

@@ -1,0 +1,5 @@
+"""``python -m taskgroup ...`` (as ``torchrun -m taskgroup train ...`` needs)."""
+
+from taskgroup.cli import run
+
+run()
