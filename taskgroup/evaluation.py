@@ -8,11 +8,12 @@ diagonal) unless ``official_skip`` is set. Either way the number missing is repo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from taskgroup.data.fmuia import FMUIAIndex, read_mask
+from taskgroup.data.fmuia import FMUIAIndex, Record, read_mask
 from taskgroup.data.submission import (
     ClassificationPrediction,
     DetectionPrediction,
@@ -28,6 +29,7 @@ from taskgroup.metrics import (
     build_task_metric,
     type_level_summary,
 )
+from taskgroup.tasks import TaskKind, TaskRegistry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,3 +126,43 @@ def update_metric(metric, pred, gt) -> None:
         metric.update(pred.box, gt)
     elif isinstance(pred, RegressionPrediction):
         metric.update(pred.points, gt)
+
+
+def baseline_scores(
+    train: Mapping[str, Sequence[Record]], val: Mapping[str, Sequence[Record]], registry: TaskRegistry
+) -> dict[str, dict[str, float]]:
+    """Official metrics of data-only predictors, the "chance level" a trained model must beat:
+    classification, the training set's class frequencies (so the majority class); segmentation,
+    background everywhere; detection and regression, the mean training box or keypoints
+    (normalised by image size, mapped to each image)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, records in val.items():
+        spec = registry[task]
+        metric = build_task_metric(spec)
+        if spec.kind is TaskKind.CLASSIFICATION:
+            counts = np.bincount([r.label for r in train[task]], minlength=spec.num_classes).astype(float)
+            probs = counts / counts.sum()
+            for r in records:
+                metric.update(probs, r.label, int(probs.argmax()))
+        elif spec.kind is TaskKind.SEGMENTATION:
+            for r in records:
+                truth = read_mask(r.mask_file)
+                metric.update(np.zeros_like(truth), truth)
+        else:
+            mean = np.mean([_normalised_points(r) for r in train[task]], axis=0)
+            for r in records:
+                guess = mean * [r.size[1], r.size[0]]
+                if spec.kind is TaskKind.DETECTION:
+                    metric.update(guess.reshape(4), r.box)
+                else:
+                    metric.update(guess, r.keypoints)
+        out[task] = metric.aggregate()
+    return out
+
+
+def _normalised_points(record: Record) -> np.ndarray:
+    """A box (as 2 points) or keypoints divided by the image's width and height."""
+    points = np.asarray(record.box if record.box is not None else record.keypoints, dtype=float).reshape(
+        -1, 2
+    )
+    return points / [record.size[1], record.size[0]]

@@ -1,0 +1,87 @@
+"""Throughput of AU training on the tiny config, and the share of step time spent on data.
+
+    python benchmarks/train_throughput.py [--config configs/tiny.yaml] [--steps 300]
+
+Measured in one run: an Engine on all 27 tasks of the synthetic benchmark (as `taskgroup train
+--grouping au` builds it) takes ``--steps`` steps with preloaded data (the default) and then with
+decoding on the fly (``data.preload=false``); for each, images/s and the share of wall time spent
+in drawing and assembling batches (target, issue 4: under 10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from taskgroup.config import load_run_config
+from taskgroup.models import build_model
+from taskgroup.runtime import configure_cpu, pick_device
+from taskgroup.tasks import load_registry
+from taskgroup.training import Engine, prepare_data
+
+
+def measure(config: Path, preload: bool, steps: int) -> dict:
+    cfg = load_run_config(config, [f"data.preload={str(preload).lower()}"])
+    configure_cpu(cfg.train.threads)
+    registry = load_registry(cfg.registry)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg.data, registry, registry.ids)
+    prepare = time.perf_counter() - t0
+    torch.manual_seed(0)
+    model = build_model(cfg.model, list(registry))
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(model, data, list(registry), cfg.train, cfg.data, Path(tmp), "au", device=pick_device(cfg.train.device))
+        spent = 0.0
+        original = engine.next_batch
+
+        def timed_next_batch():
+            nonlocal spent
+            start = time.perf_counter()
+            batch = original()
+            spent += time.perf_counter() - start
+            return batch
+
+        engine.next_batch = timed_next_batch  # type: ignore[method-assign]
+        for _ in range(10):  # warm-up
+            engine.train_step()
+        spent = 0.0
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.train_step()
+        wall = time.perf_counter() - start
+    return {
+        "preload": preload,
+        "prepare_s": round(prepare, 1),
+        "steps": steps,
+        "images_per_s": round(steps * cfg.data.batch_size / wall, 1),
+        "steps_per_s": round(steps / wall, 2),
+        "data_share_percent": round(100 * spent / wall, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rows = [measure(args.config, True, args.steps), measure(args.config, False, args.steps // 3)]
+    table = Table(title=f"AU training, {args.config.name}, 27 tasks")
+    for col in rows[0]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
