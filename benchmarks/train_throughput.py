@@ -37,7 +37,16 @@ def measure(config: Path, preload: bool, steps: int) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg.model, list(registry))
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(model, data, list(registry), cfg.train, cfg.data, Path(tmp), "au", device=pick_device(cfg.train.device))
+        engine = Engine(
+            model,
+            data,
+            list(registry),
+            cfg.train,
+            cfg.data,
+            Path(tmp),
+            "au",
+            device=pick_device(cfg.train.device),
+        )
         spent = 0.0
         original = engine.next_batch
 

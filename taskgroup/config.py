@@ -240,6 +240,9 @@ class DataConfig:
     batch_size: int = 32
     preload: bool = True  # decode every image once into memory (uint8) before training
     skip_bad: bool = False
+    # the encoder behind ``model.backbone.pretrained: synthetic`` (see training/pretrain.py)
+    pretext_images: int = 3000
+    pretext_steps: int = 1500
 
 
 @dataclasses.dataclass(frozen=True)

@@ -223,3 +223,37 @@ def test_two_gloo_processes_train_like_one(tiny_synth, tmp_path):
     for key, value in one.items():
         if not key.endswith(".load"):  # expert-load counts are per rank
             torch.testing.assert_close(two[key], value, atol=1e-2, rtol=0)
+
+
+def test_synthetic_encoder_is_pretrained_once_and_cached(tmp_path, registry):
+    """``backbone.pretrained: synthetic`` trains a pretext network with the same engine, caches
+    the encoder by architecture, and the benchmark's model loads it."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from taskgroup.data.synthetic import PRETEXT_TASKS
+    from taskgroup.models import build_model
+    from taskgroup.training.pretrain import resolve_pretrained
+
+    base = tiny_config(tmp_path, steps=4)
+    data = dataclasses.replace(
+        base.data, cache_dir=str(tmp_path / "cache"), pretext_images=20, pretext_steps=3
+    )
+    backbone = dataclasses.replace(base.model.backbone, pretrained="synthetic")
+    cfg = dataclasses.replace(base, data=data, model=dataclasses.replace(base.model, backbone=backbone))
+    resolved = resolve_pretrained(cfg)
+    path = Path(resolved.model.backbone.pretrained)
+    assert path.is_file() and path.parent.name == "encoders" and path.suffix == ".safetensors"
+    mtime = path.stat().st_mtime_ns
+    assert resolve_pretrained(cfg) == resolved and path.stat().st_mtime_ns == mtime  # cached
+    metrics = pd.read_csv(next(path.parent.glob("pretext-run-*")) / "metrics.csv")
+    assert set(metrics["task"]) == set(PRETEXT_TASKS)
+    assert not set(PRETEXT_TASKS) & set(registry.ids)  # no benchmark task is a pretext task
+    model = build_model(resolved.model, [registry["lung"]])
+    encoder = load_file(str(path))
+    torch.testing.assert_close(model.backbone.patch_embed.proj.weight, encoder["patch_embed.proj.weight"])
+    other = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, backbone=dataclasses.replace(backbone, depth=3))
+    )
+    assert resolve_pretrained(other).model.backbone.pretrained != str(path)  # cached per architecture

@@ -548,6 +548,14 @@ def rasterise(scene: Scene) -> SceneMasks:
 
 def render(scene: Scene, masks: SceneMasks, rng: np.random.Generator) -> np.ndarray:
     """(H, W) uint8 ultrasound-like image of a scene: tissue, structures, speckle, sector."""
+    return render_with_echo(scene, masks, rng)[0]
+
+
+def render_with_echo(
+    scene: Scene, masks: SceneMasks, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image and the noise-free echogenicity map it was made from ((H, W) float in [0, 1],
+    before speckle, attenuation and gain): the target of the denoising pretext task."""
     sc = scene.scanner
     height, width = sc.size
     xx, yy = _grid(sc.size)
@@ -570,6 +578,8 @@ def render(scene: Scene, masks: SceneMasks, rng: np.random.Generator) -> np.ndar
     # lines: bright reflectors casting shadows
     tissue = np.where(masks.shadow, tissue * 0.22, tissue)
     tissue = np.where(masks.main_line | masks.other_lines, 1.0, tissue)
+    region = visible_region(sc)
+    echo = np.where(region, np.clip(tissue, 0, 1), 0.0)
     # speckle: Rayleigh amplitude of correlated complex Gaussian noise
     re = ndimage.gaussian_filter(rng.standard_normal(sc.size), sc.grain)
     im = ndimage.gaussian_filter(rng.standard_normal(sc.size), sc.grain)
@@ -578,12 +588,12 @@ def render(scene: Scene, masks: SceneMasks, rng: np.random.Generator) -> np.ndar
     attenuation = np.exp(-sc.attenuation * yy / height)
     gain = sc.gain * rng.uniform(0.9, 1.1)
     image = np.clip(tissue * (0.35 + 0.65 * speckle) * attenuation * gain, 0, 1) ** 0.85
-    image = np.where(visible_region(sc), image, 0.0)
+    image = np.where(region, image, 0.0)
     if sc.overlay:  # vendor marks outside the field of view
         for k in range(3):
             x0 = int(0.03 * width) + 5 * k
             image[int(0.04 * height) : int(0.04 * height) + 2, x0 : x0 + 3] = 0.9
-    return (image * 255).round().astype(np.uint8)
+    return (image * 255).round().astype(np.uint8), echo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -912,3 +922,91 @@ def read_truth(path: str | Path) -> dict:
 def planted_labels(task_ids: Sequence[str]) -> list[int]:
     """Planted group index per task, for adjusted Rand index against a found grouping."""
     return [STRUCTURES.index(TASK_FACTORS[t].structure) for t in task_ids]
+
+
+# ----------------------------------------------------------------------------------------------
+# A pretext dataset for pretraining an encoder on synthetic images (as real use starts from a
+# pretrained DINOv3): generic targets that name no task's label.
+
+#: echogenicity levels of the denoising pretext task
+ECHO_LEVELS = 8
+PRETEXT_TASKS = ("synthetic_structures", "synthetic_echo")
+
+
+def pretext_registry() -> TaskRegistry:
+    """Two dense tasks on the same images: which structure a pixel belongs to (background,
+    blob, texture patch, line), and the pixel's noise-free echogenicity in 8 levels (denoising).
+    Both are generic (objectness, seeing through speckle); neither is any benchmark task's label."""
+    from taskgroup.tasks import MetricSpec
+
+    metrics = (MetricSpec("dsc", True), MetricSpec("hd", False))
+    tasks = (
+        TaskSpec("synthetic_structures", TaskKind.SEGMENTATION, 4, "synthetic", "pretext", 0, metrics),
+        TaskSpec("synthetic_echo", TaskKind.SEGMENTATION, ECHO_LEVELS, "synthetic", "pretext", 0, metrics),
+    )
+    return TaskRegistry("synthetic_pretext", tasks, {"pretext": PRETEXT_TASKS})
+
+
+def _write_pretext_chunk(args: tuple[Path, list[tuple[int, str, int]]]) -> list[dict]:
+    out, jobs = args
+    rows = []
+    for number, group, seed in jobs:
+        scanner = SCANNERS[group]
+        rng = np.random.default_rng(seed)
+        scene = sample_scene(rng, scanner, visible_region(scanner), seed)
+        masks = rasterise(scene)
+        image, echo = render_with_echo(scene, masks, rng)
+        structures = np.zeros(scanner.size, dtype=np.uint8)
+        structures[masks.patch_outer | masks.patch_core] = 2
+        structures[masks.blob_rim | masks.blob_core] = 1
+        structures[masks.main_line | masks.other_lines] = 3
+        levels = np.minimum((echo * ECHO_LEVELS).astype(np.uint8), ECHO_LEVELS - 1)
+        name = f"{number:05d}.png"
+        for sub, array in (
+            ("images", np.repeat(image[..., None], 3, axis=2)),
+            ("structures", structures),
+            ("echo", levels),
+        ):
+            path = out / "Pretext" / sub / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path, compress_level=1)
+        for task, sub, classes in (
+            ("synthetic_structures", "structures", 4),
+            ("synthetic_echo", "echo", ECHO_LEVELS),
+        ):
+            rows.append(
+                {
+                    "image_path": f"../Pretext/images/{name}",
+                    "task_id": task,
+                    "task_name": "segmentation",
+                    "num_classes": classes,
+                    "mask_path": f"../Pretext/{sub}/{name}",
+                }
+            )
+    return rows
+
+
+def generate_pretext(out: str | Path, images: int, seed: int = 1000, workers: int | None = None) -> Path:
+    """Write ``images`` pretext images (every scanner in turn) as an FM_UIA root at ``out``."""
+    import pandas as pd
+
+    out = Path(out)
+    groups = list(SCANNERS)
+    jobs = [
+        (i, groups[i % len(groups)], int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+        for i in range(images)
+    ]
+    workers = workers or min(4, os.cpu_count() or 1)
+    chunk = max(1, math.ceil(len(jobs) / (workers * 8)))
+    chunks = [(out, jobs[i : i + chunk]) for i in range(0, len(jobs), chunk)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            rows = [r for part in pool.map(_write_pretext_chunk, chunks) for r in part]
+    else:
+        rows = [r for c in chunks for r in _write_pretext_chunk(c)]
+    (out / "csv_files").mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    for task in PRETEXT_TASKS:
+        part = frame[frame.task_id == task]
+        part.to_csv(out / "csv_files" / f"Seg-Pretext_1.{task}_{len(part)}.csv", index=False)
+    return out

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +39,30 @@ from taskgroup.tasks import TaskKind, TaskRegistry
 log = logging.getLogger("taskgroup")
 
 
-def synthetic_root(cfg: DataConfig, registry: TaskRegistry) -> Path:
-    """The synthetic benchmark in the cache folder, generated on first use (atomically)."""
-    cache = Path(os.path.expanduser(cfg.cache_dir))
-    root = cache / f"synthetic-{cfg.synthetic_scale}-seed{cfg.synthetic_seed}"
-    if (root / "truth.yaml").is_file():
-        return root
-    tmp = cache / f".{root.name}.{os.getpid()}"
-    log.info("generating the synthetic benchmark (%s) into %s", cfg.synthetic_scale, root)
-    generate(tmp, registry, cfg.synthetic_scale, cfg.synthetic_seed)
+def generate_once(target: Path, make: Callable[[Path], object]) -> Path:
+    """Build a folder once: ``make`` writes into a private temporary folder that is then renamed
+    to ``target``, so a killed or concurrent build never leaves a half-written ``target``."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    make(tmp)
     try:
-        tmp.rename(root)
+        tmp.rename(target)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return target
+
+
+def synthetic_root(cfg: DataConfig, registry: TaskRegistry) -> Path:
+    """The synthetic benchmark in the cache folder, generated on first use."""
+    root = (
+        Path(os.path.expanduser(cfg.cache_dir)) / f"synthetic-{cfg.synthetic_scale}-seed{cfg.synthetic_seed}"
+    )
+    if not root.is_dir():
+        log.info("generating the synthetic benchmark (%s) into %s", cfg.synthetic_scale, root)
+    return generate_once(root, lambda tmp: generate(tmp, registry, cfg.synthetic_scale, cfg.synthetic_seed))
 
 
 @dataclasses.dataclass

@@ -159,6 +159,9 @@ def train_grouping(
     registry = registry or load_registry(cfg.registry)
     configure_cpu(cfg.train.threads)
     dist_info, _ = init_distributed(cfg.train.device)
+    from taskgroup.training.pretrain import resolve_pretrained  # it trains through this module
+
+    cfg = resolve_pretrained(cfg)
     if dist_info.is_main:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
         (out_dir / "grouping.yaml").write_text(grouping.to_yaml())
