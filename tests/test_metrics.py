@@ -163,3 +163,12 @@ def test_type_level_summary_is_the_unweighted_mean_over_tasks(registry):
         "det_iou",
         "reg_mre",
     ]
+
+
+def test_relative_gain_follows_the_metric_direction():
+    from taskgroup.metrics import relative_gain
+
+    assert relative_gain(0.9, 0.8, True) == pytest.approx(0.125)
+    assert relative_gain(8.0, 10.0, False) == pytest.approx(0.2)  # a lower MRE is a gain
+    assert relative_gain(12.0, 10.0, False) == pytest.approx(-0.2)
+    assert math.isnan(relative_gain(0.5, 0.0, True))

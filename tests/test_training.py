@@ -257,3 +257,26 @@ def test_synthetic_encoder_is_pretrained_once_and_cached(tmp_path, registry):
         cfg, model=dataclasses.replace(cfg.model, backbone=dataclasses.replace(backbone, depth=3))
     )
     assert resolve_pretrained(other).model.backbone.pretrained != str(path)  # cached per architecture
+
+
+def test_probe_batches_leave_the_training_sequence_alone(tiny_synth, registry, tmp_path):
+    from taskgroup.models import build_model
+    from taskgroup.training import Engine, prepare_data
+
+    cfg = tiny_config(tiny_synth)
+    data = prepare_data(cfg.data, registry, TASKS)
+    specs = [registry[t] for t in TASKS]
+
+    def sequence(probe: bool) -> list:
+        engine = Engine(
+            build_model(cfg.model, specs), data, specs, cfg.train, cfg.data, tmp_path / str(probe), "n"
+        )
+        seen = []
+        for _ in range(5):
+            if probe:
+                batch = engine.probe_batch("IUGC")
+                assert batch.task_id == "IUGC" and len(batch) == cfg.data.batch_size
+            seen.append(engine.next_batch().image_paths)
+        return seen
+
+    assert sequence(True) == sequence(False)

@@ -17,7 +17,7 @@ from taskgroup.metrics.segmentation import (
     resize_nearest,
     segmentation_metrics,
 )
-from taskgroup.metrics.summary import LEADERBOARD_COLUMNS, type_level_summary
+from taskgroup.metrics.summary import LEADERBOARD_COLUMNS, relative_gain, type_level_summary
 from taskgroup.tasks import TaskKind, TaskSpec
 
 TaskMetric = SegmentationMetric | ClassificationMetric | DetectionMetric | RegressionMetric
@@ -49,6 +49,7 @@ __all__ = [
     "official_auc",
     "paired_box_iou",
     "radial_errors",
+    "relative_gain",
     "resize_nearest",
     "segmentation_metrics",
     "type_level_summary",

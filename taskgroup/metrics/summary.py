@@ -39,3 +39,13 @@ def type_level_summary(
         ]
         summary[column] = float(np.mean(values)) if values else float("nan")
     return summary
+
+
+def relative_gain(value: float, reference: float, higher_is_better: bool) -> float:
+    """Relative change of ``value`` against ``reference``, signed so that positive is better
+    whatever the metric's direction: (v - r) / |r| for DSC, AUC, IoU...; (r - v) / |r| for MRE, HD.
+    NaN when the reference is 0 (no relative change is defined)."""
+    if reference == 0:
+        return float("nan")
+    change = (value - reference) / abs(reference)
+    return change if higher_is_better else -change
