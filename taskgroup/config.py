@@ -131,6 +131,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         kt, vt = args if args else (Any, Any)
         return {_convert(kt, k, where): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

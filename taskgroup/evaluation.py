@@ -166,3 +166,26 @@ def _normalised_points(record: Record) -> np.ndarray:
         -1, 2
     )
     return points / [record.size[1], record.size[0]]
+
+
+def against_baseline(
+    values: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]], registry: TaskRegistry
+) -> pd.DataFrame:
+    """Each task's primary-metric value next to its data-only baseline, with the gain signed by
+    the metric's direction (absolute for scores in [0, 1], relative for errors in pixels)."""
+    rows = []
+    for task, value in values.items():
+        primary = registry[task].primary_metric
+        base = baselines[task][primary.name]
+        gain = value - base if primary.higher_is_better else (base - value) / base
+        rows.append(
+            {
+                "task": task,
+                "type": registry[task].kind.short,
+                "metric": primary.name,
+                "value": value,
+                "baseline": base,
+                "gain": gain,
+            }
+        )
+    return pd.DataFrame(rows)
