@@ -186,7 +186,7 @@ class BackboneConfig:
     embed_dim: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
-    pretrained: str | None = None  # a local checkpoint (timm, safetensors or official DINOv3)
+    pretrained: str | None = None  # a local checkpoint (timm, safetensors, official DINOv3) or "synthetic"
     freeze_blocks: int = 0  # freeze the patch embedding and the first N blocks
     freeze_encoder: bool = False  # freeze every encoder weight (routers and task embeddings train)
 
@@ -215,7 +215,6 @@ class MoEConfig:
 class HeadConfig:
     hidden: int = 64  # channels of the head convolutions and pooling
     neck_blocks: tuple[int, ...] = ()  # extra intermediate blocks fused into the feature map
-    cls_queries: int = 4  # learned queries of the attention-pooling classification head
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,8 @@ class Outer:
 
 def test_nested_typed_config_and_overrides():
     data = apply_overrides(
-        {"name": "x", "inner": {"image_size": 32}}, ["inner.strategy=temperature", "weights=[1, 2]", "lr=1e-1"]
+        {"name": "x", "inner": {"image_size": 32}},
+        ["inner.strategy=temperature", "weights=[1, 2]", "lr=1e-1"],
     )
     cfg = from_mapping(Outer, data, "cfg.yaml")
     assert cfg == Outer("x", Inner(32, SamplingStrategy.TEMPERATURE), (1.0, 2.0), 0.1)

@@ -20,7 +20,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TINY = ModelConfig(
     backbone=BackboneConfig(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
     moe=MoEConfig(mode="task", num_experts=2, top_k=1, num_layers=1, task_embed_dim=8),
-    heads=HeadConfig(hidden=16, cls_queries=2),
+    heads=HeadConfig(hidden=16),
 )
 ONE_PER_KIND = ["cervix_multi", "breast_3cls", "thyroid_nodule_det", "IUGC"]
 

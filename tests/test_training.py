@@ -28,7 +28,7 @@ def tiny_config(root: Path, **train) -> RunConfig:
         "model": {
             "backbone": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
             "moe": {"mode": "task", "num_experts": 2, "top_k": 1, "num_layers": 1, "task_embed_dim": 8},
-            "heads": {"hidden": 16, "cls_queries": 2},
+            "heads": {"hidden": 16},
         },
         "data": {"root": str(root), "image_size": 32, "batch_size": 8},
         "train": {

@@ -176,11 +176,6 @@ def build_model(cfg: ModelConfig, tasks: Sequence[TaskSpec]) -> M2DINO:
     freeze_backbone(backbone, cfg.backbone.freeze_blocks, cfg.backbone.freeze_encoder)
     image_size = backbone.patch_embed.img_size[0]
     patch_size = backbone.patch_embed.patch_size[0]
-    heads = {
-        t.id: build_head(
-            t, backbone.embed_dim, patch_size, image_size, cfg.heads.hidden, cfg.heads.cls_queries
-        )
-        for t in tasks
-    }
+    heads = {t.id: build_head(t, backbone.embed_dim, patch_size, image_size, cfg.heads.hidden) for t in tasks}
     feature_blocks = (*cfg.heads.neck_blocks, -1)
     return M2DINO(backbone, tasks, heads, task_embed_dim, feature_blocks, moe.aux_weight if routing else 0.0)
