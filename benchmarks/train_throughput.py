@@ -28,7 +28,8 @@ from taskgroup.training import Engine, prepare_data
 
 
 def measure(config: Path, preload: bool, steps: int) -> dict:
-    cfg = load_run_config(config, [f"data.preload={str(preload).lower()}"])
+    # throughput does not depend on the weights: a random encoder, no pretraining
+    cfg = load_run_config(config, [f"data.preload={str(preload).lower()}", "model.backbone.pretrained=null"])
     configure_cpu(cfg.train.threads)
     registry = load_registry(cfg.registry)
     t0 = time.perf_counter()

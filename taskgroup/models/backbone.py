@@ -48,6 +48,11 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         )
     except RuntimeError as exc:  # timm's "Unknown model"
         raise ConfigError(f"backbone {cfg.name!r}: {exc}") from None
+    if cfg.pretrained == "synthetic":
+        raise ConfigError(
+            "backbone.pretrained 'synthetic' names the cached synthetic-pretrained encoder: resolve it "
+            "first with taskgroup.training.pretrain.resolve_pretrained (taskgroup train does)"
+        )
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model
