@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -129,39 +129,32 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                 console.print(
                     f"[yellow]{split}: {len(index.bad_rows)} bad row(s) left out, listed in {_bad_report(args)}[/]"
                 )
-    table = Table(title=f"{registry.name}: {len(registry)} tasks")
-    for col in (
-        "task_id",
-        "type",
-        "classes / keypoints",
-        "organ",
-        "clinical group",
-        "train (est.)",
-        "metrics",
-    ):
-        table.add_column(col)
-    for split in counts:
-        table.add_column(f"{split} rows", justify="right")
-    for t in registry:
-        metrics = ", ".join(f"{m.name}{'↑' if m.higher_is_better else '↓'}" for m in t.metrics)
-        row = [
+    columns = ["task_id", "type", "classes / keypoints", "organ", "clinical group", "train (est.)", "metrics"]
+    rows = [
+        [
             t.id,
             t.kind.value,
             str(t.num_classes),
             t.organ,
             t.clinical_group,
             str(t.train_images),
-            metrics,
+            ", ".join(f"{m.name}{'↑' if m.higher_is_better else '↓'}" for m in t.metrics),
         ]
-        row += [str(c.get(t.id, 0)) for c in counts.values()]
-        table.add_row(*row)
-    console.print(table)
-    groups = Table(title="clinical groups (CG paradigm)")
-    groups.add_column("group")
-    groups.add_column("tasks")
-    for name, ids in registry.clinical_groups.items():
-        groups.add_row(name, ", ".join(ids))
-    console.print(groups)
+        + [str(c.get(t.id, 0)) for c in counts.values()]
+        for t in registry
+    ]
+    print_table(
+        f"{registry.name}: {len(registry)} tasks",
+        columns + [f"{s} rows" for s in counts],
+        rows,
+        left=len(columns),
+    )
+    print_table(
+        "clinical groups (CG paradigm)",
+        ["group", "tasks"],
+        [[g, ", ".join(ids)] for g, ids in registry.clinical_groups.items()],
+        left=2,
+    )
     return 0
 
 
@@ -186,6 +179,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) -> None:
+    """A rich table: the first ``left`` columns left-aligned (names), the others right (numbers)."""
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i < left else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def _fmt(value: float) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
@@ -201,23 +204,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
     pd.DataFrame([result.summary]).to_csv(out / "summary.csv", index=False)
-    table = Table(title=f"per task ({'missing skipped' if args.official_skip else 'missing = failure'})")
-    for col in ("task_id", "type", "n", "missing", *METRIC_COLUMNS):
-        table.add_column(col, justify="right" if col not in ("task_id", "type") else "left")
-    for row in result.per_task.to_dict("records"):
-        table.add_row(
-            row["task_id"],
-            row["type"],
-            str(row["n_images"]),
-            str(row["n_missing"]),
-            *[_fmt(row[c]) for c in METRIC_COLUMNS],
-        )
-    console.print(table)
-    summary = Table(title="type-level summary (the 9 leaderboard columns)")
-    for col, _, _ in LEADERBOARD_COLUMNS:
-        summary.add_column(col, justify="right")
-    summary.add_row(*[_fmt(result.summary[c]) for c, _, _ in LEADERBOARD_COLUMNS])
-    console.print(summary)
+    print_table(
+        f"per task ({'missing skipped' if args.official_skip else 'missing = failure'})",
+        ["task_id", "type", "n", "missing", *METRIC_COLUMNS],
+        [
+            [
+                r["task_id"],
+                r["type"],
+                str(r["n_images"]),
+                str(r["n_missing"]),
+                *[_fmt(r[c]) for c in METRIC_COLUMNS],
+            ]
+            for r in result.per_task.to_dict("records")
+        ],
+        left=2,
+    )
+    print_table(
+        "type-level summary (the 9 leaderboard columns)",
+        [c for c, _, _ in LEADERBOARD_COLUMNS],
+        [[_fmt(result.summary[c]) for c, _, _ in LEADERBOARD_COLUMNS]],
+        left=0,
+    )
     for row in result.per_task.to_dict("records"):
         if row["auc_note"]:
             console.print(f"[yellow]{row['task_id']}: {row['auc_note']}[/]")
@@ -239,19 +246,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     registry = load_registry(cfg.registry)
     grouping = load_grouping(args.grouping, registry)
     result = train_grouping(cfg, grouping, args.out, registry, console=console)
-    table = Table(title=f"{grouping.name}: {len(result.networks)} network(s), each task served by its best")
-    for col in ("task", "type", "network", "step", "metric", "value"):
-        table.add_column(col, justify="right" if col in ("step", "value") else "left")
-    for row in result.served.to_dict("records"):
-        table.add_row(
-            row["task"],
-            row["type"],
-            str(row["network"]),
-            str(row["step"]),
-            row["primary_metric"],
-            f"{row['value']:.4f}",
-        )
-    console.print(table)
+    print_table(
+        f"{grouping.name}: {len(result.networks)} network(s), each task served by its best",
+        ["task", "type", "network", "metric", "step", "value"],
+        [
+            [
+                r["task"],
+                r["type"],
+                str(r["network"]),
+                r["primary_metric"],
+                str(r["step"]),
+                f"{r['value']:.4f}",
+            ]
+            for r in result.served.to_dict("records")
+        ],
+        left=4,
+    )
     console.print(f"metrics in {args.out / 'metrics.csv'}, served tasks in {args.out / 'served.csv'}")
     return 0
 
