@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from taskgroup.data.fmuia import FMUIAIndex, Record, read_mask
+from taskgroup.data.fmuia import FMUIAIndex, Record, record_target
 from taskgroup.data.submission import (
     ClassificationPrediction,
     DetectionPrediction,
@@ -67,7 +67,7 @@ def evaluate_predictions(
                 if not official_skip:
                     _add_failure(metric, r)
                 continue
-            _update(metric, pred, r)
+            update_metric(metric, pred, record_target(r))
         row: dict = {
             "task_id": task_id,
             "type": spec.kind.short,
@@ -98,21 +98,6 @@ def _add_failure(metric, record) -> None:
         metric.add_failure(record.label)
     else:
         metric.add_failure()
-
-
-def _update(metric, pred, record) -> None:
-    gt = read_mask(record.mask_file) if isinstance(pred, SegmentationPrediction) else None
-    update_metric(metric, pred, gt if gt is not None else _target(record))
-
-
-def _target(record):
-    return (
-        record.label
-        if record.label is not None
-        else record.box
-        if record.box is not None
-        else record.keypoints
-    )
 
 
 def update_metric(metric, pred, gt) -> None:
@@ -146,7 +131,7 @@ def baseline_scores(
                 metric.update(probs, r.label, int(probs.argmax()))
         elif spec.kind is TaskKind.SEGMENTATION:
             for r in records:
-                truth = read_mask(r.mask_file)
+                truth = record_target(r)
                 metric.update(np.zeros_like(truth), truth)
         else:
             mean = np.mean([_normalised_points(r) for r in train[task]], axis=0)

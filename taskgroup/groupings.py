@@ -10,7 +10,6 @@ TAG). Built in: ``ts`` (one network per task), ``cg`` (the registry's clinical g
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import yaml
@@ -37,11 +36,6 @@ class Grouping:
         return yaml.safe_dump(
             {"name": self.name, "groups": {g: list(ids) for g, ids in self.groups.items()}}, sort_keys=False
         )
-
-
-def task_set_key(tasks: tuple[str, ...] | list[str]) -> str:
-    """A short stable key of a task set (order-free), for caching trained networks."""
-    return hashlib.sha1("\n".join(sorted(tasks)).encode()).hexdigest()[:10]
 
 
 def builtin_grouping(name: str, registry: TaskRegistry) -> Grouping:

@@ -133,3 +133,13 @@ def test_cli_reports_bad_data_with_exit_code_2(fixture_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 2
     assert "Reg_1.FUGC_1.csv:2: task FUGC: image file not found" in out.replace("\n", "")
+
+
+def test_against_baseline_signs_the_gain_by_direction(registry):
+    from taskgroup.evaluation import against_baseline
+
+    baselines = {"lung": {"dsc": 0.2, "hd": 9.0}, "IUGC": {"mre": 40.0}}
+    table = against_baseline({"lung": 0.5, "IUGC": 30.0}, baselines, registry).set_index("task")
+    assert table.loc["lung", "gain"] == pytest.approx(0.3)  # absolute for a score
+    assert table.loc["IUGC", "gain"] == pytest.approx(0.25)  # relative reduction of an error
+    assert list(table["metric"]) == ["dsc", "mre"]

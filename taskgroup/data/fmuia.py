@@ -296,6 +296,16 @@ def read_mask(path: str | Path) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def record_target(record: Record):
+    """A record's ground truth at the original resolution: the class-index mask (read from
+    disk), the label, the box or the keypoints."""
+    if record.mask_file is not None:
+        return read_mask(record.mask_file)
+    if record.label is not None:
+        return record.label
+    return record.box if record.box is not None else record.keypoints
+
+
 def _parse_box(row: Mapping[str, str], size: tuple[int, int]) -> tuple[float, float, float, float]:
     values = []
     for col in BOX_COLUMNS:

@@ -276,10 +276,6 @@ def _bbox_patch(p: Patch, pad: float = 0.0) -> np.ndarray:
     return np.concatenate([corners.min(axis=0) - pad, corners.max(axis=0) + pad])
 
 
-def _segments(lines: Lines) -> list[tuple[tuple[float, float], tuple[float, float]]]:
-    return [(lines.tail, lines.head), *lines.others]
-
-
 def _bbox_main_line(lines: Lines) -> np.ndarray:
     pts = np.array([lines.tail, lines.head])
     r_tail = lines.thickness / 2
@@ -694,8 +690,12 @@ def task_target(spec: TaskSpec, scene: Scene, masks: SceneMasks):
 _COUNT_WORDS = {1: "One", 2: "Two", 3: "Three", 4: "Four", 5: "Five", 6: "Six", 8: "Eight"}
 
 
+def _folder_name(task_id: str) -> str:
+    return FOLDER_NAMES.get(task_id, f"synth_{task_id}")
+
+
 def _folder(spec: TaskSpec) -> Path:
-    name = FOLDER_NAMES.get(spec.id, f"synth_{spec.id}")
+    name = _folder_name(spec.id)
     if spec.kind is TaskKind.SEGMENTATION:
         return Path("Segmentation") / _COUNT_WORDS[spec.num_classes] / name
     if spec.kind is TaskKind.CLASSIFICATION:
@@ -722,9 +722,39 @@ def _scene_for(job: _ImageJob) -> tuple[Scene, SceneMasks, np.random.Generator]:
     return scene, rasterise(scene), rng
 
 
-def _write_chunk(args: tuple[Path, TaskRegistry, list[_ImageJob], dict[str, list[str]]]) -> list[dict]:
+def _map_chunks(
+    write: Callable[[tuple], list[dict]],
+    shared: tuple,
+    jobs: Sequence,
+    workers: int | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """``write((*shared, chunk))`` over chunks of ``jobs`` (in worker processes when workers > 1),
+    the rows of all chunks in job order."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    size = max(1, math.ceil(len(jobs) / (workers * 8)))
+    chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    rows: list[dict] = []
+    done = 0
+    try:
+        results = (
+            pool.map(write, [(*shared, c) for c in chunks]) if pool else (write((*shared, c)) for c in chunks)
+        )
+        for chunk, result in zip(chunks, results, strict=True):
+            rows.extend(result)
+            done += len(chunk)
+            if progress:
+                progress(done, len(jobs))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return rows
+
+
+def _write_chunk(args: tuple[Path, TaskRegistry, dict[str, list[str]], list[_ImageJob]]) -> list[dict]:
     """Render and write one chunk of images; returns CSV rows (one per task using the image)."""
-    out, registry, jobs, users = args
+    out, registry, users, jobs = args
     rows = []
     for job in jobs:
         scene, masks, rng = _scene_for(job)
@@ -832,24 +862,7 @@ def generate(
     if out.exists():
         for split in split_counts:
             shutil.rmtree(out / split, ignore_errors=True)
-    workers = workers or min(4, os.cpu_count() or 1)
-    chunk = max(1, math.ceil(len(jobs) / (workers * 8)))
-    chunks = [(out, registry, jobs[i : i + chunk], users) for i in range(0, len(jobs), chunk)]
-    rows: list[dict] = []
-    done = 0
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for result, (_, _, part, _) in zip(pool.map(_write_chunk, chunks), chunks, strict=True):
-                rows.extend(result)
-                done += len(part)
-                if progress:
-                    progress(done, len(jobs))
-    else:
-        for c in chunks:
-            rows.extend(_write_chunk(c))
-            done += len(c[2])
-            if progress:
-                progress(done, len(jobs))
+    rows = _map_chunks(_write_chunk, (out, registry, users), jobs, workers, progress)
     _write_csvs(out, registry, rows)
     _write_truth(out, registry, scale, seed, split_counts)
     return SynthSummary(out, split_counts, len(jobs))
@@ -866,7 +879,7 @@ def _write_csvs(out: Path, registry: TaskRegistry, rows: list[dict]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for spec in registry:
             sub = sorted(by_split_task.get((split, spec.id), []), key=lambda r: r["image_path"])
-            name = FOLDER_NAMES.get(spec.id, f"synth_{spec.id}")
+            name = _folder_name(spec.id)
             cols = ["image_path", "task_id", "task_name", "num_classes"]
             cols += {
                 "segmentation": ["mask_path"],
@@ -996,14 +1009,7 @@ def generate_pretext(out: str | Path, images: int, seed: int = 1000, workers: in
         (i, groups[i % len(groups)], int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
         for i in range(images)
     ]
-    workers = workers or min(4, os.cpu_count() or 1)
-    chunk = max(1, math.ceil(len(jobs) / (workers * 8)))
-    chunks = [(out, jobs[i : i + chunk]) for i in range(0, len(jobs), chunk)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = [r for part in pool.map(_write_pretext_chunk, chunks) for r in part]
-    else:
-        rows = [r for c in chunks for r in _write_pretext_chunk(c)]
+    rows = _map_chunks(_write_pretext_chunk, (out,), jobs, workers)
     (out / "csv_files").mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
     for task in PRETEXT_TASKS:

@@ -17,7 +17,6 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -30,11 +29,10 @@ from taskgroup.data import (
     collate_examples,
     find_roots,
     load_index,
-    read_mask,
     split_index,
 )
 from taskgroup.data.synthetic import generate
-from taskgroup.tasks import TaskKind, TaskRegistry
+from taskgroup.tasks import TaskRegistry
 
 log = logging.getLogger("taskgroup")
 
@@ -160,14 +158,3 @@ def _check_tasks(index: FMUIAIndex, tasks: Sequence[str]) -> None:
     missing = [t for t in tasks if not index.records.get(t)]
     if missing:
         raise DataError(f"{index.root}: no rows for task(s) {', '.join(missing)}")
-
-
-def ground_truth(records: Sequence[Record], kind: TaskKind) -> list:
-    """Original-resolution targets for the official metrics, in record order."""
-    if kind is TaskKind.SEGMENTATION:
-        return [read_mask(r.mask_file).astype(np.int64) for r in records]
-    if kind is TaskKind.CLASSIFICATION:
-        return [r.label for r in records]
-    if kind is TaskKind.DETECTION:
-        return [r.box for r in records]
-    return [r.keypoints for r in records]

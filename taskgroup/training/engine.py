@@ -31,13 +31,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from taskgroup.config import DataConfig, TrainConfig
 from taskgroup.data import Batch, MultiTaskBatchSampler
+from taskgroup.data.fmuia import record_target
 from taskgroup.errors import TaskgroupError
 from taskgroup.evaluation import update_metric
 from taskgroup.losses import task_loss
 from taskgroup.metrics import build_task_metric
 from taskgroup.models import M2DINO, decode_outputs
 from taskgroup.tasks import TaskSpec
-from taskgroup.training.data import TrainingData, ground_truth
+from taskgroup.training.data import TrainingData
 from taskgroup.training.distributed import DistInfo, barrier
 
 log = logging.getLogger("taskgroup")
@@ -196,7 +197,7 @@ class Engine:
         for task, spec in self.tasks.items():
             key = f"{split}/{task}"
             if key not in self._ground_truth:
-                self._ground_truth[key] = ground_truth(data.records(task), spec.kind)
+                self._ground_truth[key] = [record_target(r) for r in data.records(task)]
             truth = self._ground_truth[key]
             metric = build_task_metric(spec)
             n = data.size(task)
