@@ -11,13 +11,11 @@ epoch's decode time to its validation time. Numbers go to stdout as a rich table
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+from report import report
 
 from taskgroup.data import TaskDataset, find_roots, load_index
 from taskgroup.data.synthetic import generate
@@ -59,14 +57,7 @@ def main() -> None:
         "dataset_examples_per_s": round(n / decode, 1),
         "decode_over_validation": round(decode / validate, 2),
     }
-    table = Table(title="data pipeline")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for key, value in results.items():
-        table.add_row(key, str(value))
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report("data pipeline", [results], args.json)
 
 
 if __name__ == "__main__":

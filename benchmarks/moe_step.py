@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from report import report
 from torch.utils.flop_counter import FlopCounterMode
 
 from taskgroup.config import ModelConfig, from_mapping, load_yaml
@@ -138,16 +136,8 @@ def main() -> None:
                 "peak_memory_mb": round(memory[v], 1),
             }
         )
-    table = Table(
-        title=f"training step, {args.config.name}, batch {args.batch}, {device.type}, {args.threads} threads"
-    )
-    for col in rows[0]:
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(*[str(x) for x in r.values()])
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    title = f"training step, {args.config.name}, batch {args.batch}, {device.type}, {args.threads} threads"
+    report(title, rows, args.json)
 
 
 if __name__ == "__main__":

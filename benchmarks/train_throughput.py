@@ -11,14 +11,12 @@ in drawing and assembling batches (target, issue 4: under 10 %).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from report import report
 
 from taskgroup.config import load_run_config
 from taskgroup.models import build_model
@@ -83,14 +81,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = [measure(args.config, True, args.steps), measure(args.config, False, args.steps // 3)]
-    table = Table(title=f"AU training, {args.config.name}, 27 tasks")
-    for col in rows[0]:
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(*[str(v) for v in r.values()])
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    report(f"AU training, {args.config.name}, 27 tasks", rows, args.json)
 
 
 if __name__ == "__main__":
