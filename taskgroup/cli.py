@@ -3,6 +3,9 @@
 taskgroup tasks     [--registry FILE] [--data DIR]     the registry (and what a dataset holds)
 taskgroup synth     --out DIR [--scale S] [--seed N]   write the synthetic benchmark
 taskgroup evaluate  --gt ROOT --pred DIR               score predictions, official metrics
+taskgroup train     [--grouping G] --out RUN           train a grouping's networks
+taskgroup affinity  [--method M ...] [--out DIR]       27x27 inter-task affinity matrices
+taskgroup worker    --storage URL --study NAME         take queued network trainings
 """
 
 from __future__ import annotations
@@ -109,6 +112,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out bad rows (listed in RUN/bad_rows.csv) instead of failing",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "affinity",
+        help="measure inter-task affinity (lookahead, gradient, pairwise, subsets) into 27x27 matrices",
+    )
+    p.add_argument(
+        "--data", type=Path, default=None, help="FM_UIA root (default: the embedded synthetic benchmark)"
+    )
+    p.add_argument(
+        "--method",
+        nargs="+",
+        default=None,
+        choices=["lookahead", "gradient", "pairwise", "subsets"],
+        help="estimators (default: the config's affinity.methods, lookahead and gradient)",
+    )
+    p.add_argument("--tasks", nargs="+", default=None, help="measure on these tasks only (default: all)")
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"run config YAML (default: {DEFAULT_CONFIG})"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/affinity"), help="output folder (default: runs/affinity)"
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna RDB storage of the trained estimators' jobs (default: sqlite file OUT/jobs.db; "
+        "a postgresql:// URL for many machines)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="local worker processes for pairwise/subsets")
+    p.set_defaults(func=cmd_affinity)
+
+    p = sub.add_parser("worker", help="take queued network trainings of a study until none is left")
+    p.add_argument(
+        "--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql://...)"
+    )
+    p.add_argument("--study", required=True, help="study name (affinity runs use 'affinity')")
+    p.add_argument("--heartbeat", type=int, default=10, help="seconds between heartbeats")
+    p.add_argument("--grace", type=int, default=60, help="seconds without heartbeat before a job is retaken")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of this worker")
+    p.set_defaults(func=cmd_worker)
     return parser
 
 
@@ -263,6 +307,46 @@ def cmd_train(args: argparse.Namespace) -> int:
         left=4,
     )
     console.print(f"metrics in {args.out / 'metrics.csv'}, served tasks in {args.out / 'served.csv'}")
+    return 0
+
+
+def cmd_affinity(args: argparse.Namespace) -> int:
+    from taskgroup.affinity import run_affinity
+    from taskgroup.config import load_run_config
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.root={args.data}")
+    if args.method:
+        overrides.append(f"affinity.methods=[{', '.join(args.method)}]")
+    if args.storage:
+        overrides.append(f"affinity.storage={args.storage}")
+    cfg = load_run_config(args.config, overrides)
+    registry = load_registry(cfg.registry)
+    if args.tasks:
+        unknown = [t for t in args.tasks if t not in registry.ids]
+        if unknown:
+            raise TaskgroupError(f"--tasks: unknown task {unknown[0]!r} (see `taskgroup tasks`)")
+    result = run_affinity(cfg, args.out, args.tasks, registry, workers=args.workers, console=console)
+    for method, folder in result.folders.items():
+        console.print(f"{method}: {folder}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import optuna
+
+    from taskgroup.runtime import configure_cpu
+    from taskgroup.training.jobs import Worker, storage_for
+
+    configure_cpu(args.threads)
+    storage = storage_for(args.storage, args.heartbeat, args.grace)
+    try:
+        study = optuna.load_study(study_name=args.study, storage=storage)
+    except KeyError:
+        raise TaskgroupError(f"no study {args.study!r} in {args.storage}") from None
+    finished = Worker(study).run()
+    console.print(f"worker done: {finished} job(s) trained here")
     return 0
 
 

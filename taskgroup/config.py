@@ -274,12 +274,50 @@ class TrainConfig:
         return self.steps if self.steps is not None else self.steps_per_task * num_tasks
 
 
+AFFINITY_METHODS = ("lookahead", "gradient", "pairwise", "subsets")
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinityConfig:
+    """``taskgroup affinity``: which estimators, how often and on what they measure.
+
+    Probes (``lookahead``, ``gradient``) run every ``every`` steps of one multi-task training
+    of ``steps_per_task`` steps per task (None: ``train.steps_per_task``), each on a fresh batch of
+    ``probe_batch`` images per task (None: ``data.batch_size``). ``blocks``: measure on the
+    shared parameters of the last N encoder blocks only (0: all shared parameters).
+    ``correction``: how the task-type confound is removed from the gradient-based matrices
+    (see :mod:`taskgroup.affinity.corrections`). Trained estimators (``pairwise``, ``subsets``)
+    run networks of ``trained_steps_per_task`` steps per task as jobs of an Optuna study on
+    ``storage`` (None: a SQLite file in the output folder)."""
+
+    methods: tuple[str, ...] = ("lookahead", "gradient")
+    every: int = 50
+    probe_batch: int | None = None
+    blocks: int = 0
+    correction: Literal["none", "type_centre", "type_scale"] = "type_centre"
+    steps_per_task: int | None = None
+    trained_steps_per_task: int = 60
+    subset_size: int = 6
+    subsets: int = 40
+    storage: str | None = None
+    heartbeat: int = 10  # seconds between a pairwise worker's heartbeats
+    grace: int = 60  # seconds without a heartbeat before a job is given to another worker
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in AFFINITY_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; {did_you_mean(unknown[0], AFFINITY_METHODS)}")
+        if self.every < 1:
+            raise ValueError(f"every must be at least 1, got {self.every}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     registry: str | None = None  # task registry YAML (default configs/fmuia2026.yaml)
+    affinity: AffinityConfig = AffinityConfig()  # only read by ``taskgroup affinity``
 
     def __post_init__(self) -> None:
         if self.model.backbone.img_size != self.data.image_size:

@@ -174,3 +174,29 @@ def against_baseline(
             }
         )
     return pd.DataFrame(rows)
+
+
+def clear_margin(kind: TaskKind, baseline: float, n_val: int) -> float:
+    """How far above its data-only baseline a task's primary metric must be to count as clearly
+    learnt: classification, two binomial standard errors of the baseline accuracy on ``n_val``
+    images (0.1 for a balanced binary task on 100 images); segmentation and detection, 0.1 of
+    DSC or IoU; regression, an MRE at least 20 % below the baseline's (the gain is relative)."""
+    if kind is TaskKind.CLASSIFICATION:
+        return 2.0 * float(np.sqrt(baseline * (1 - baseline) / max(1, n_val)))
+    return 0.2 if kind is TaskKind.REGRESSION else 0.1
+
+
+def learnability(
+    values: Mapping[str, float],
+    baselines: Mapping[str, Mapping[str, float]],
+    val_counts: Mapping[str, int],
+    registry: TaskRegistry,
+) -> pd.DataFrame:
+    """:func:`against_baseline` with each task's margin and whether it is clearly above."""
+    table = against_baseline(values, baselines, registry)
+    table["margin"] = [
+        clear_margin(registry[t].kind, b, val_counts[t])
+        for t, b in zip(table.task, table.baseline, strict=True)
+    ]
+    table["clear"] = table["gain"] > table["margin"]
+    return table

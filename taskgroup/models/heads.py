@@ -2,14 +2,14 @@
 
 Every head reads the shared spatial feature map (B, C, h, w) of the encoder:
 
-- segmentation: a light upsampling decoder (one 3x3 conv at the token grid, then one x2
-  upsampling + 3x3 conv stage per factor of two of the patch size) to class logits at input size;
+- segmentation: a light upsampling decoder (one 3x3 conv at the token grid, then x2
+  upsampling + 3x3 conv stages) to class logits at half the input size, upsampled bilinearly;
 - classification: two convolutions, pooled to a coarse grid that is flattened (the layout is
   kept: size, count, position and orientation survive), then a linear layer;
 - regression: K keypoint heatmaps at twice the token grid, turned into coordinates by
   soft-argmax (integral regression, Sun et al. 2018), in [0, 1] of the resized frame;
-- detection: one box per image as two corner heatmaps with soft-argmax, plus a confidence logit
-  trained to predict the IoU of its own box.
+- detection: one box per image as a centre heatmap with soft-argmax and a half-size map read
+  at the centre, plus a confidence logit trained to predict the IoU of its own box.
 
 Outputs: seg (B, C, S, S) logits; cls (B, C) logits; reg (B, K, 2) normalised (x, y);
 det (B, 5) normalised xyxy and the confidence logit.
@@ -29,6 +29,12 @@ from taskgroup.tasks import TaskKind, TaskSpec
 
 
 class SegmentationHead(nn.Module):
+    """A light decoder: a 3x3 conv at the token grid, then x2 upsampling + 3x3 conv stages up to
+    half the input size (channels halved each stage, at least 16), class logits there, and a
+    bilinear x2 to the input size. Predicting at stride 2 and upsampling the logits (as SegFormer
+    does at stride 4) drops the costliest full-resolution conv: it was 40 % of a segmentation
+    step of the tiny CPU model."""
+
     def __init__(
         self, in_channels: int, num_classes: int, patch_size: int, image_size: int, hidden: int = 64
     ) -> None:
@@ -36,7 +42,7 @@ class SegmentationHead(nn.Module):
         self.image_size = image_size
         layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.GELU()]
         channels = hidden
-        for _ in range(int(math.log2(patch_size))):
+        for _ in range(max(0, int(math.log2(patch_size)) - 1)):
             out = max(16, channels // 2)
             layers += [
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
@@ -49,7 +55,7 @@ class SegmentationHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.decoder(features)
-        if logits.shape[-1] != self.image_size:  # a patch size that is not a power of two
+        if logits.shape[-1] != self.image_size:
             logits = F.interpolate(
                 logits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
             )
@@ -106,19 +112,23 @@ def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
     return torch.stack([x, y], dim=-1)
 
 
+def upsampling_trunk(in_channels: int, hidden: int) -> list[nn.Module]:
+    """conv 3x3, x2 bilinear upsampling, conv 3x3: the maps of the heatmap heads."""
+    return [
+        nn.Conv2d(in_channels, hidden, 3, padding=1),
+        nn.GELU(),
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.Conv2d(hidden, hidden, 3, padding=1),
+        nn.GELU(),
+    ]
+
+
 class HeatmapPoints(nn.Module):
     """K soft-argmax points from a feature map, heatmaps at twice the token grid."""
 
     def __init__(self, in_channels: int, points: int, hidden: int = 64) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1),
-            nn.GELU(),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(hidden, points, 1),
-        )
+        self.net = nn.Sequential(*upsampling_trunk(in_channels, hidden), nn.Conv2d(hidden, points, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return soft_argmax(self.net(features))
@@ -129,16 +139,27 @@ class RegressionHead(HeatmapPoints):
 
 
 class DetectionHead(nn.Module):
-    """(B, 5): one box as normalised xyxy (two soft-argmax corners) and a confidence logit."""
+    """(B, 5): one box as normalised xyxy and a confidence logit trained to predict the box's IoU.
+
+    CenterNet-style (Zhou et al. 2019), for the one box of an image: a centre heatmap read by
+    soft-argmax and a half-size map read where the centre is (its expectation under the
+    heatmap's softmax). Two symmetric corner heatmaps (the first version) start at the same
+    point and keep swapping roles through min/max, which stalled training for a thousand steps."""
 
     def __init__(self, in_channels: int, hidden: int = 64) -> None:
         super().__init__()
-        self.corners = HeatmapPoints(in_channels, 2, hidden)
+        self.trunk = nn.Sequential(*upsampling_trunk(in_channels, hidden))
+        self.centre = nn.Conv2d(hidden, 1, 1)
+        self.size = nn.Conv2d(hidden, 2, 1)  # sigmoid: half width and height in (0, 0.5)
         self.confidence = nn.Sequential(AttentionPool(in_channels, 1), nn.Linear(in_channels, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        p = self.corners(features)  # (B, 2, 2)
-        box = torch.cat([torch.minimum(p[:, 0], p[:, 1]), torch.maximum(p[:, 0], p[:, 1])], dim=1)
+        x = self.trunk(features)
+        logits = self.centre(x)
+        centre = soft_argmax(logits)[:, 0]  # (B, 2)
+        where = logits.flatten(2).softmax(dim=-1)  # (B, 1, HW)
+        half = (0.5 * torch.sigmoid(self.size(x)).flatten(2) * where).sum(dim=-1)  # (B, 2)
+        box = torch.cat([(centre - half).clamp(0, 1), (centre + half).clamp(0, 1)], dim=1)
         return torch.cat([box, self.confidence(features)], dim=1)
 
 

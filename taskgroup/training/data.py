@@ -31,7 +31,7 @@ from taskgroup.data import (
     load_index,
     split_index,
 )
-from taskgroup.data.synthetic import generate
+from taskgroup.data.synthetic import GENERATOR_VERSION, generate
 from taskgroup.tasks import TaskRegistry
 
 log = logging.getLogger("taskgroup")
@@ -55,9 +55,8 @@ def generate_once(target: Path, make: Callable[[Path], object]) -> Path:
 
 def synthetic_root(cfg: DataConfig, registry: TaskRegistry) -> Path:
     """The synthetic benchmark in the cache folder, generated on first use."""
-    root = (
-        Path(os.path.expanduser(cfg.cache_dir)) / f"synthetic-{cfg.synthetic_scale}-seed{cfg.synthetic_seed}"
-    )
+    name = f"synthetic-v{GENERATOR_VERSION}-{cfg.synthetic_scale}-seed{cfg.synthetic_seed}"
+    root = Path(os.path.expanduser(cfg.cache_dir)) / name
     if not root.is_dir():
         log.info("generating the synthetic benchmark (%s) into %s", cfg.synthetic_scale, root)
     return generate_once(root, lambda tmp: generate(tmp, registry, cfg.synthetic_scale, cfg.synthetic_seed))

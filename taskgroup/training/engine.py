@@ -230,13 +230,15 @@ class Engine:
             positions = positions[self.dist.rank :: self.dist.world]
         return self.data.train.batch(task, positions).to(self.device, non_blocking=True)
 
-    def probe_batch(self, task: str, salt: int = 0) -> Batch:
-        """A batch of ``task`` for probes (affinity measurement), drawn from its own generator
-        seeded by (seed, step, task, salt) so the training sequence is left as it is."""
+    def probe_batch(self, task: str, salt: int = 0, size: int | None = None) -> Batch:
+        """A batch of ``task`` (``size`` images, default the batch size) for probes (affinity
+        measurement), drawn from its own generator seeded by (seed, step, task, salt) so the
+        training sequence is left as it is."""
         index = list(self.tasks).index(task)
         rng = np.random.default_rng([self.cfg.seed, 7, self.step, index, salt])
-        size = self.data.train.size(task)
-        positions = rng.choice(size, min(size, self.data_cfg.batch_size), replace=False).tolist()
+        available = self.data.train.size(task)
+        wanted = size or self.data_cfg.batch_size
+        positions = rng.choice(available, min(available, wanted), replace=False).tolist()
         if self.dist.enabled:
             positions = positions[self.dist.rank :: self.dist.world]
         return self.data.train.batch(task, positions).to(self.device)

@@ -61,8 +61,10 @@ def safe_name(name: str) -> str:
 
 
 def network_hash(cfg: RunConfig, tasks: Sequence[str]) -> str:
-    """What a network's results depend on: the run config and its task set."""
-    return config_hash({"config": to_mapping(cfg), "tasks": sorted(tasks)})
+    """What a network's results depend on: the run config (but its ``affinity`` section, which
+    only says what is measured around trainings) and its task set."""
+    plain = {k: v for k, v in to_mapping(cfg).items() if k != "affinity"}
+    return config_hash({"config": plain, "tasks": sorted(tasks)})
 
 
 def train_network(

@@ -1,0 +1,50 @@
+"""Corrections of the task-type confound in gradient-based affinity.
+
+Two heads of the same kind (two segmentation decoders, say) send gradients of the same shape
+into the encoder whatever their labels need, so gradient similarity and lookahead transfer rank
+same-type pairs high even across unrelated factors (measured while planning: two segmentation
+heads on unrelated factors looked more alike than any same-factor pair). The corrections work
+on a measured matrix ``A`` (source rows, target columns) and leave its diagonal as it is:
+
+- ``none``: as measured;
+- ``type_centre``: subtract, from every off-diagonal entry, the mean of the off-diagonal entries
+  of its (source type, target type) block: what is left is transfer beyond what a pair of these
+  types shows on average. Works when every type occurs in several groups (the synthetic
+  benchmark balances types across its planted groups; FM_UIA has 12 seg, 9 cls, 3 det, 3 reg);
+- ``type_scale``: ``type_centre``, then divide each block by the standard deviation of its
+  off-diagonal entries, so that types whose probes are louder (segmentation's dense losses) do
+  not dominate a partition.
+
+A block with a single off-diagonal entry is left at 0 by ``type_centre`` (its mean is itself).
+The measured effect of each on the synthetic benchmark is in the README (benchmarks/affinity.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+CORRECTIONS = ("none", "type_centre", "type_scale")
+
+
+def correct(matrix: np.ndarray, types: Sequence[str], method: str) -> np.ndarray:
+    """The corrected copy of ``matrix`` (see the module doc); NaN entries stay NaN."""
+    if method not in CORRECTIONS:
+        raise ValueError(f"unknown correction {method!r}; valid: {', '.join(CORRECTIONS)}")
+    out = np.array(matrix, dtype=float, copy=True)
+    if method == "none":
+        return out
+    types = np.asarray(types)
+    off = ~np.eye(len(types), dtype=bool)
+    for a in np.unique(types):
+        for b in np.unique(types):
+            block = np.outer(types == a, types == b) & off & np.isfinite(out)
+            if not block.any():
+                continue
+            out[block] -= out[block].mean()
+            if method == "type_scale":
+                std = out[block].std()
+                if std > 0:
+                    out[block] /= std
+    return out

@@ -1,0 +1,221 @@
+"""Gradient-based affinity, measured by probes during one real multi-task training run.
+
+Every ``every`` steps, after the optimiser step, :class:`AffinityProbe` draws one fresh batch per
+task (each task's own images: in FM_UIA an image carries one task's label) and computes on the
+*shared* parameters (encoder, experts, routers, neck; optionally only the last N blocks):
+
+- the per-task gradients ``g_i`` of ``L_i`` (27 backward passes), stacked into one matrix so
+  that the Gram matrix of all tasks is one product per probe, not 27 x 27 dot products;
+- ``gradient``: cosine similarity, the first-order lookahead ``lr * <g_i, g_j> / L_j`` and the
+  sign of ``<g_i, g_j>`` (conflict rate = share of probes where it is negative);
+- ``lookahead`` (TAG, Fifty et al. 2021): for each source ``i``, one step on the shared
+  parameters with ``g_i`` alone *through the real optimiser* (AdamW with its moments and step
+  count), then ``Z[i, j] = 1 - L_j(after) / L_j(before)`` on every target's batch; the
+  parameters and the optimiser state are restored exactly, so training goes on as if no probe
+  had run (a test checks that a probed run's metrics equal an unprobed one's). As TAG does, Z is
+  divided by the learning rate of the step (the encoder's), so probes at different points of the
+  schedule are comparable; the raw Z is kept too.
+
+Convention everywhere: ``A[i, j]`` = effect of source ``i`` on target ``j``; positive = helps.
+Probes run in eval mode (no expert-load counting; the ViT has no dropout or batch norm, so the
+losses are those of training mode). The lookahead clips ``g_i`` to ``train.grad_clip`` as the
+real step clips the gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from taskgroup.losses import task_loss
+from taskgroup.models import M2DINO
+from taskgroup.training import Callback, Engine, StepOutput
+
+#: quantities recorded per probe, each a (tasks, tasks) matrix: source rows, target columns
+GRADIENT_QUANTITIES = ("cosine", "first_order", "conflict")
+LOOKAHEAD_QUANTITIES = ("lookahead", "lookahead_raw")
+
+
+def probe_parameters(model: M2DINO, blocks: int = 0) -> list[nn.Parameter]:
+    """The shared parameters a probe measures on: all of them (``blocks`` 0), or those of the last
+    ``blocks`` encoder blocks with the final norm and the neck (what every head reads)."""
+    shared = list(model.shared_parameters())
+    if blocks <= 0:
+        return shared
+    depth = len(model.backbone.blocks)
+    prefixes = tuple(f"backbone.blocks.{i}." for i in range(max(0, depth - blocks), depth))
+    prefixes += ("backbone.norm.", "neck.")
+    keep = {id(p) for name, p in model.named_parameters() if name.startswith(prefixes)}
+    return [p for p in shared if id(p) in keep]
+
+
+class AffinityProbe(Callback):
+    """Records gradient and/or lookahead affinity every ``every`` steps (see the module doc)."""
+
+    def __init__(
+        self,
+        every: int,
+        lookahead: bool = True,
+        gradient: bool = True,
+        blocks: int = 0,
+        batch: int | None = None,
+    ) -> None:
+        if not (lookahead or gradient):
+            raise ValueError("an affinity probe needs lookahead, gradient or both")
+        self.every = every
+        self.lookahead = lookahead
+        self.gradient = gradient
+        self.blocks = blocks
+        self.batch = batch
+        self.steps: list[int] = []
+        self.lr: list[float] = []
+        self.values: dict[str, list[np.ndarray]] = {}
+        self.cost = {"probes": 0, "forward": 0, "backward": 0, "optimiser_steps": 0, "seconds": 0.0}
+
+    # -- state (checkpointed with the run: a resumed run keeps the probes already taken) -------
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "values": self.values, "cost": self.cost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = list(state.get("steps", []))
+        self.lr = list(state.get("lr", []))
+        self.values = {k: list(v) for k, v in state.get("values", {}).items()}
+        self.cost = dict(state.get("cost", self.cost))
+
+    def on_step_end(self, engine: Engine, output: StepOutput) -> None:
+        if output.step % self.every == 0:
+            self.probe(engine)
+
+    # -- the probe ----------------------------------------------------------------------------
+    def _loss(self, engine: Engine, task: str, batch) -> torch.Tensor:
+        with engine._autocast():
+            output = engine.model(engine._images(batch), task)
+            return task_loss(engine.tasks[task], output.float(), batch.targets, engine.data_cfg.image_size)
+
+    @torch.no_grad()
+    def _all_losses(self, engine: Engine, tasks: list[str], batches) -> np.ndarray:
+        """Every task's loss on its own batch, in one batched forward of the encoder (per-sample
+        task routing), then each head on its slice: 27 small forwards cost more on a CPU."""
+        images = torch.cat([engine._images(batches[t]) for t in tasks])
+        ids = [t for t in tasks for _ in range(batches[t].images.shape[0])]
+        out = np.zeros(len(tasks))
+        with engine._autocast():
+            features = engine.model.features(images, ids)
+            start = 0
+            for k, task in enumerate(tasks):
+                n = batches[task].images.shape[0]
+                output = engine.model.heads[task](features[start : start + n])
+                spec = engine.tasks[task]
+                out[k] = float(
+                    task_loss(spec, output.float(), batches[task].targets, engine.data_cfg.image_size)
+                )
+                start += n
+        return out
+
+    def probe(self, engine: Engine) -> None:
+        start = time.perf_counter()
+        model, optimiser = engine.model, engine.optimiser
+        tasks = list(engine.tasks)
+        params = probe_parameters(model, self.blocks)
+        batches = {t: engine.probe_batch(t, salt=1, size=self.batch) for t in tasks}
+        was_training = model.training
+        model.eval()
+        grads = torch.zeros(len(tasks), sum(p.numel() for p in params), device=engine.device)
+        before = torch.zeros(len(tasks), dtype=torch.float64)
+        for k, task in enumerate(tasks):
+            loss = self._loss(engine, task, batches[task])
+            found = torch.autograd.grad(loss, params, allow_unused=True)
+            grads[k] = torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                    for g, p in zip(found, params, strict=True)
+                ]
+            ).float()
+            before[k] = float(loss.detach())
+        self.cost["forward"] += len(tasks)
+        self.cost["backward"] += len(tasks)
+        lr = float(next(g["lr"] for g in optimiser.param_groups if g.get("name") == "encoder"))
+        record: dict[str, np.ndarray] = {}
+        if self.gradient:
+            gram = (grads @ grads.T).double().cpu()
+            norms = gram.diagonal().clamp_min(1e-30).sqrt()
+            record["cosine"] = (gram / norms[:, None] / norms[None, :]).numpy()
+            record["first_order"] = (lr * gram / before.clamp_min(1e-12)[None, :]).numpy()
+            record["conflict"] = (gram < 0).double().numpy()
+        if self.lookahead:
+            raw = self._lookahead(engine, params, grads, batches)
+            record["lookahead_raw"] = raw
+            record["lookahead"] = raw / lr
+        model.train(was_training)
+        self.steps.append(engine.step)
+        self.lr.append(lr)
+        for name, matrix in record.items():
+            self.values.setdefault(name, []).append(matrix)
+        self.cost["probes"] += 1
+        self.cost["seconds"] += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _lookahead(self, engine: Engine, params, grads, batches) -> np.ndarray:
+        model, optimiser = engine.model, engine.optimiser
+        tasks = list(engine.tasks)
+        saved = [p.detach().clone() for p in params]
+        saved_state = {
+            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimiser.state[p].items()}
+            for p in params
+            if p in optimiser.state
+        }
+        sizes = [p.numel() for p in params]
+        before = np.maximum(self._all_losses(engine, tasks, batches), 1e-12)
+        self.cost["forward"] += len(tasks)
+        out = np.zeros((len(tasks), len(tasks)))
+        for i in range(len(tasks)):
+            model.zero_grad(set_to_none=True)
+            g = grads[i]
+            clip = engine.cfg.grad_clip
+            if clip:
+                g = g * min(1.0, clip / (float(g.norm()) + 1e-6))
+            for p, piece in zip(params, torch.split(g, sizes), strict=True):
+                p.grad = piece.view_as(p).to(p.dtype)
+            optimiser.step()  # only the shared parameters have a gradient: only they move
+            self.cost["optimiser_steps"] += 1
+            out[i] = 1.0 - self._all_losses(engine, tasks, batches) / before
+            self.cost["forward"] += len(tasks)
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
+            for p in params:
+                if p in saved_state:
+                    optimiser.state[p] = {
+                        k: v.clone() if torch.is_tensor(v) else v for k, v in saved_state[p].items()
+                    }
+                else:
+                    optimiser.state.pop(p, None)
+        model.zero_grad(set_to_none=True)
+        return out
+
+    # -- results ------------------------------------------------------------------------------
+    def matrices(self) -> dict[str, np.ndarray]:
+        """Each quantity averaged over the probes: (tasks, tasks), source rows."""
+        return {name: np.mean(np.stack(v), axis=0) for name, v in self.values.items()}
+
+    def trajectory(self, tasks: list[str]) -> list[dict[str, Any]]:
+        """Long rows (quantity, step, lr, source, target, value) of every probe."""
+        rows = []
+        for name, mats in self.values.items():
+            for step, lr, matrix in zip(self.steps, self.lr, mats, strict=True):
+                for i, source in enumerate(tasks):
+                    for j, target in enumerate(tasks):
+                        rows.append(
+                            {
+                                "quantity": name,
+                                "step": step,
+                                "lr": lr,
+                                "source": source,
+                                "target": target,
+                                "value": float(matrix[i, j]),
+                            }
+                        )
+        return rows

@@ -1,0 +1,215 @@
+"""What an affinity run writes and prints.
+
+Per method, a folder ``<out>/<method>/`` with:
+
+- ``matrix.csv``: the matrix the method reports (after its correction), rows = source, columns =
+  target (the first header cell says ``source \\ target``); the diagonal (a task on itself) is
+  kept and listed in ``meta.json`` as excluded from every summary;
+- ``<quantity>.csv``: every other quantity measured (raw matrix, cosine, conflict rate ...);
+- ``long.parquet``: method, quantity, step, source, target, value (and ``diagonal``), per probe
+  or per trained job;
+- ``heatmap.png``: the matrix ordered by hierarchical clustering (scipy, average linkage on the
+  symmetrised matrix), with strips for clinical group and task type, the diagonal greyed;
+- ``meta.json``: the config, the convention, the correction, the cost actually spent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from taskgroup.tasks import TaskRegistry
+
+CORNER = "source \\ target"
+
+
+def matrix_frame(matrix: np.ndarray, tasks: Sequence[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(matrix, index=list(tasks), columns=list(tasks))
+    frame.index.name = CORNER
+    return frame
+
+
+def read_matrix(path: str | Path) -> pd.DataFrame:
+    """A matrix CSV written here, back as a labelled frame (source rows, target columns)."""
+    frame = pd.read_csv(path, index_col=0)
+    if frame.index.name != CORNER:
+        raise ValueError(f"{path}: not an affinity matrix (its first header cell is not {CORNER!r})")
+    if list(frame.index) != list(frame.columns):
+        raise ValueError(f"{path}: rows and columns name different tasks")
+    return frame
+
+
+def cluster_order(matrix: np.ndarray) -> list[int]:
+    """Leaf order of an average-linkage clustering of the symmetrised matrix (high = close)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    n = len(matrix)
+    if n < 3:
+        return list(range(n))
+    sym = np.nan_to_num(0.5 * (matrix + matrix.T))
+    np.fill_diagonal(sym, 0.0)
+    distance = sym.max() - sym
+    np.fill_diagonal(distance, 0.0)
+    return leaves_list(linkage(squareform(distance, checks=False), "average")).tolist()
+
+
+def plot_heatmap(
+    matrix: np.ndarray, tasks: Sequence[str], registry: TaskRegistry, title: str, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = cluster_order(matrix)
+    names = [tasks[k] for k in order]
+    shown = matrix[np.ix_(order, order)].astype(float).copy()
+    np.fill_diagonal(shown, np.nan)
+    limit = np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else 1.0
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(3 + 0.32 * n, 2.5 + 0.32 * n))
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.8")
+    image = ax.imshow(shown, cmap=cmap, vmin=-limit, vmax=limit)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("target")
+    ax.set_ylabel("source")
+    groups = sorted({registry[t].clinical_group for t in names})
+    kinds = sorted({registry[t].kind.short for t in names})
+    palette = matplotlib.colormaps["tab10"]
+    for k, t in enumerate(names):  # strips: clinical group left/top, task type right/bottom
+        g = palette(groups.index(registry[t].clinical_group) % 10)
+        c = palette((kinds.index(registry[t].kind.short) + 5) % 10)
+        ax.add_patch(plt.Rectangle((-1.6, k - 0.5), 0.5, 1, color=g, clip_on=False))
+        ax.add_patch(plt.Rectangle((k - 0.5, -1.6), 1, 0.5, color=g, clip_on=False))
+        ax.add_patch(plt.Rectangle((n - 0.4, k - 0.5), 0.5, 1, color=c, clip_on=False))
+        ax.add_patch(plt.Rectangle((k - 0.5, n - 0.4), 1, 0.5, color=c, clip_on=False))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette(groups.index(g) % 10)) for g in groups]
+    handles += [plt.Rectangle((0, 0), 1, 1, color=palette((kinds.index(c) + 5) % 10)) for c in kinds]
+    ax.legend(handles, groups + kinds, fontsize=6, loc="upper left", bbox_to_anchor=(1.15, 1.0))
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.12, label="effect of source on target")
+    ax.set_title(f"{title} (clustered; diagonal grey; strips: clinical group, task type)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def long_frame(method: str, rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(list(rows), columns=["quantity", "step", "source", "target", "value", "lr"])
+    frame.insert(0, "method", method)
+    frame["diagonal"] = frame["source"] == frame["target"]
+    return frame
+
+
+def write_method(
+    out_dir: Path,
+    method: str,
+    matrix: np.ndarray,
+    tasks: Sequence[str],
+    registry: TaskRegistry,
+    long_rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    quantities: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """Write one method's folder (see the module doc); returns it."""
+    folder = Path(out_dir) / method
+    folder.mkdir(parents=True, exist_ok=True)
+    matrix_frame(matrix, tasks).to_csv(folder / "matrix.csv")
+    for name, values in (quantities or {}).items():
+        matrix_frame(values, tasks).to_csv(folder / f"{name}.csv")
+    long_frame(method, long_rows).to_parquet(folder / "long.parquet", index=False)
+    plot_heatmap(matrix, tasks, registry, method, folder / "heatmap.png")
+    full = {
+        "method": method,
+        "convention": "A[i, j] = effect of source i (rows) on target j (columns); positive = i helps j",
+        "diagonal": "kept in the files, excluded from every summary",
+        "tasks": list(tasks),
+        **meta,
+    }
+    (folder / "meta.json").write_text(json.dumps(full, indent=1, default=str))
+    return folder
+
+
+def off_diagonal(matrix: np.ndarray) -> np.ndarray:
+    return ~np.eye(len(matrix), dtype=bool) & np.isfinite(matrix)
+
+
+def planted_separation(matrix: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
+    """Mean off-diagonal affinity within planted groups and across them, and the gap in units
+    of the across-pairs' standard deviation (how clearly the truth shows)."""
+    labels = np.asarray(labels)
+    same = np.equal.outer(labels, labels)
+    mask = off_diagonal(matrix)
+    within, across = matrix[mask & same], matrix[mask & ~same]
+    spread = across.std() if across.size > 1 else float("nan")
+    gap = within.mean() - across.mean()
+    return {
+        "within": float(within.mean()),
+        "across": float(across.mean()),
+        "gap": float(gap),
+        "gap_sd": float(gap / spread) if spread and spread > 0 else float("nan"),
+    }
+
+
+def incoming(matrix: np.ndarray, tasks: Sequence[str], registry: TaskRegistry, by: str) -> pd.Series:
+    """Mean incoming transfer (over sources, off-diagonal) per clinical group or task type."""
+    mask = off_diagonal(matrix)
+    per_target = [
+        np.mean(matrix[:, j][mask[:, j]]) if mask[:, j].any() else np.nan for j in range(len(tasks))
+    ]
+    key = (
+        (lambda t: registry[t].clinical_group)
+        if by == "clinical_group"
+        else (lambda t: registry[t].kind.short)
+    )
+    return pd.Series(per_target, index=[key(t) for t in tasks]).groupby(level=0).mean()
+
+
+def print_summary(
+    console: Console,
+    method: str,
+    matrix: np.ndarray,
+    tasks: Sequence[str],
+    registry: TaskRegistry,
+    top: int = 5,
+    separation: Mapping[str, float] | None = None,
+) -> None:
+    mask = off_diagonal(matrix)
+    pairs = sorted(
+        (
+            (matrix[i, j], tasks[i], tasks[j])
+            for i in range(len(tasks))
+            for j in range(len(tasks))
+            if mask[i, j]
+        ),
+        reverse=True,
+    )
+    table = Table(title=f"{method}: strongest pairs (source -> target)")
+    table.add_column("sign")
+    table.add_column("source")
+    table.add_column("target")
+    table.add_column("value", justify="right")
+    for label, chosen in (("+", pairs[:top]), ("-", pairs[::-1][:top])):
+        for value, source, target in chosen:
+            table.add_row(label, source, target, f"{value:+.4g}")
+    console.print(table)
+    table = Table(title=f"{method}: mean incoming transfer")
+    table.add_column("clinical group / type")
+    table.add_column("mean", justify="right")
+    for by in ("clinical_group", "type"):
+        for name, value in incoming(matrix, tasks, registry, by).items():
+            table.add_row(str(name), f"{value:+.4g}")
+    console.print(table)
+    if separation:
+        console.print(
+            f"{method}: planted groups: within {separation['within']:+.4g}, across {separation['across']:+.4g}, "
+            f"gap {separation['gap_sd']:+.2f} sd"
+        )

@@ -1,0 +1,269 @@
+"""``taskgroup affinity``: measure inter-task affinity by several estimators into one run folder.
+
+    <out>/config.yaml
+    <out>/probe_run/            the multi-task training the probes ran in (engine run folder)
+    <out>/jobs/                 networks of the trained estimators; <out>/jobs.db their queue
+    <out>/<method>/             matrix.csv, long.parquet, heatmap.png, meta.json (see report.py)
+
+``lookahead`` and ``gradient`` share one real AU-style training of the given tasks with an
+:class:`AffinityProbe`; ``pairwise`` and ``subsets`` queue their networks on one Optuna study
+(single-task networks shared) and run ``workers`` local worker processes on it; more machines
+join with ``taskgroup worker --storage URL --study NAME``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+
+from taskgroup.affinity.corrections import correct
+from taskgroup.affinity.probes import AffinityProbe
+from taskgroup.affinity.report import planted_separation, print_summary, write_method
+from taskgroup.affinity.trained import pairwise_jobs, pairwise_matrix, subset_jobs, subsets_matrix
+from taskgroup.config import RunConfig, to_mapping
+from taskgroup.data.synthetic import planted_labels
+from taskgroup.runtime import configure_cpu
+from taskgroup.tasks import TaskRegistry, load_registry
+from taskgroup.training import ProgressCallback, prepare_data, train_network
+from taskgroup.training.jobs import NetworkJob, Worker, create_queue, job_results, sqlite_url, storage_for
+
+log = logging.getLogger("taskgroup")
+
+PROBE_METHODS = ("lookahead", "gradient")
+TRAINED_METHODS = ("pairwise", "subsets")
+STUDY = "affinity"
+
+
+@dataclasses.dataclass
+class AffinityResult:
+    tasks: list[str]
+    matrices: dict[str, np.ndarray]  # method -> reported matrix
+    folders: dict[str, Path]
+    separation: dict[str, dict[str, float]]  # method -> planted-group separation (synthetic data)
+
+
+def _types(tasks: Sequence[str], registry: TaskRegistry) -> list[str]:
+    return [registry[t].kind.short for t in tasks]
+
+
+def _separation(matrix: np.ndarray, tasks: Sequence[str], synthetic: bool) -> dict[str, float] | None:
+    return planted_separation(matrix, planted_labels(tasks)) if synthetic else None
+
+
+def run_probes(
+    cfg: RunConfig, registry: TaskRegistry, tasks: list[str], out_dir: Path, console: Console
+) -> tuple[AffinityProbe, dict[str, Any]]:
+    """One multi-task training of ``tasks`` with the probes; resumes, reuses a finished run."""
+    aff = cfg.affinity
+    train = dataclasses.replace(cfg.train, steps_per_task=aff.steps_per_task or cfg.train.steps_per_task)
+    run_cfg = dataclasses.replace(cfg, train=train)
+    probe = AffinityProbe(
+        aff.every,
+        lookahead="lookahead" in aff.methods,
+        gradient="gradient" in aff.methods,
+        blocks=aff.blocks,
+        batch=aff.probe_batch,
+    )
+    run_dir = out_dir / "probe_run"
+    saved = run_dir / "probes.pt"
+    start = time.perf_counter()
+    if saved.exists():
+        probe.load_state_dict(torch.load(saved, weights_only=False))
+    else:
+        data = prepare_data(run_cfg.data, registry, tasks, report_dir=out_dir)
+        with ProgressCallback.make_progress(console) as progress:
+            train_network(run_cfg, registry, tasks, run_dir, "affinity", data, [probe], progress)
+        torch.save(probe.state_dict(), saved)
+    steps = train.total_steps(len(tasks))
+    cost = {
+        "wall_seconds": time.perf_counter() - start,
+        "training_steps": steps,
+        "probe_seconds": probe.cost["seconds"],
+        "probes": probe.cost["probes"],
+        "probe_every": aff.every,
+        "forward_passes": steps + probe.cost["forward"],
+        "backward_passes": steps + probe.cost["backward"],
+        "lookahead_optimiser_steps": probe.cost["optimiser_steps"],
+        "trainings": 1,
+    }
+    return probe, cost
+
+
+def run_trained(
+    cfg: RunConfig,
+    registry: TaskRegistry,
+    tasks: list[str],
+    out_dir: Path,
+    workers: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], list[NetworkJob]]:
+    """Queue the pairwise/subsets networks and work them off with ``workers`` processes."""
+    aff = cfg.affinity
+    seed = cfg.train.seed
+    jobs: dict[str, NetworkJob] = {}
+    if "pairwise" in aff.methods:
+        jobs.update({j.key: j for j in pairwise_jobs(tasks, seed)})
+    if "subsets" in aff.methods:
+        jobs.update({j.key: j for j in subset_jobs(tasks, aff.subset_size, aff.subsets, seed)})
+    job_cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, steps_per_task=aff.trained_steps_per_task)
+    )
+    url = aff.storage or sqlite_url(out_dir / "jobs.db")
+    storage = storage_for(url, aff.heartbeat, aff.grace)
+    study = create_queue(storage, STUDY, job_cfg, list(jobs.values()), out_dir / "jobs")
+    start = time.perf_counter()
+    helpers = [
+        spawn_worker(url, STUDY, aff.heartbeat, aff.grace, cfg.train.threads) for _ in range(workers - 1)
+    ]
+    try:
+        Worker(study, registry).run()
+        for h in helpers:
+            h.wait()
+    finally:
+        for h in helpers:
+            if h.poll() is None:
+                h.terminate()
+    results = job_results(study)
+    seconds = sum(
+        t.user_attrs.get("seconds", 0.0)
+        for t in study.get_trials(deepcopy=False)
+        if "seconds" in t.user_attrs
+    )
+    steps = sum(len(NetworkJob.from_key(k).tasks) * aff.trained_steps_per_task for k in results)
+    cost = {
+        "wall_seconds": time.perf_counter() - start,
+        "training_seconds": seconds,
+        "trainings": len(results),
+        "training_steps": steps,
+        "forward_passes": steps,
+        "backward_passes": steps,
+        "workers": workers,
+        "storage": url,
+    }
+    return results, cost, list(jobs.values())
+
+
+def spawn_worker(url: str, study: str, heartbeat: int, grace: int, threads: int | None) -> subprocess.Popen:
+    """A local ``taskgroup worker`` process on the study (threads split between workers)."""
+    command = [sys.executable, "-m", "taskgroup", "worker", "--storage", url, "--study", study]
+    command += ["--heartbeat", str(heartbeat), "--grace", str(grace)]
+    if threads:
+        command += ["--threads", str(threads)]
+    return subprocess.Popen(command, env=dict(os.environ))
+
+
+def run_affinity(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    tasks: Sequence[str] | None = None,
+    registry: TaskRegistry | None = None,
+    workers: int = 1,
+    console: Console | None = None,
+) -> AffinityResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    console = console or Console()
+    registry = registry or load_registry(cfg.registry)
+    tasks = list(tasks or registry.ids)
+    configure_cpu(cfg.train.threads)
+    from taskgroup.training.pretrain import resolve_pretrained
+
+    cfg = resolve_pretrained(cfg)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    synthetic = cfg.data.root is None
+    aff = cfg.affinity
+    types = _types(tasks, registry)
+    matrices: dict[str, np.ndarray] = {}
+    folders: dict[str, Path] = {}
+    separation: dict[str, dict[str, float]] = {}
+    config = to_mapping(cfg)
+
+    def report(method: str, matrix: np.ndarray, rows, meta, quantities=None) -> None:
+        sep = _separation(matrix, tasks, synthetic)
+        meta = {**meta, "config": config}
+        if sep:
+            meta["planted_separation"] = sep
+            separation[method] = sep
+        matrices[method] = matrix
+        folders[method] = write_method(out_dir, method, matrix, tasks, registry, rows, meta, quantities)
+        print_summary(console, method, matrix, tasks, registry, separation=sep)
+
+    if any(m in aff.methods for m in PROBE_METHODS):
+        probe, cost = run_probes(cfg, registry, tasks, out_dir, console)
+        mean = probe.matrices()
+        rows = probe.trajectory(tasks)
+        if "lookahead" in aff.methods:
+            reported = correct(mean["lookahead"], types, aff.correction)
+            report(
+                "lookahead",
+                reported,
+                [r for r in rows if r["quantity"].startswith("lookahead")],
+                {
+                    "cost": cost,
+                    "correction": aff.correction,
+                    "normalisation": "Z = 1 - L_j(after) / L_j(before), divided by the encoder learning rate "
+                    "of its step (TAG); lookahead_raw.csv holds Z undivided",
+                    "averaged_over_probes": probe.cost["probes"],
+                },
+                {"uncorrected": mean["lookahead"], "lookahead_raw": mean["lookahead_raw"]},
+            )
+        if "gradient" in aff.methods:
+            reported = correct(mean["cosine"], types, aff.correction)
+            report(
+                "gradient",
+                reported,
+                [r for r in rows if not r["quantity"].startswith("lookahead")],
+                {
+                    "cost": cost,
+                    "correction": aff.correction,
+                    "reported": "cosine similarity of the per-task gradients on the shared parameters, "
+                    "averaged over probes, then corrected",
+                    "quantities": {
+                        "cosine": "cosine similarity (uncorrected)",
+                        "first_order": "lr * <g_i, g_j> / L_j: first-order lookahead (plain SGD step)",
+                        "conflict": "share of probes with <g_i, g_j> < 0 (conflict rate)",
+                    },
+                },
+                {"cosine": mean["cosine"], "first_order": mean["first_order"], "conflict": mean["conflict"]},
+            )
+    if any(m in aff.methods for m in TRAINED_METHODS):
+        results, cost, _ = run_trained(cfg, registry, tasks, out_dir, workers)
+        for method, build in (("pairwise", pairwise_matrix), ("subsets", subsets_matrix)):
+            if method not in aff.methods:
+                continue
+            matrix = build(results, tasks, registry, cfg.train.seed)
+            rows = [
+                {
+                    "quantity": "gain",
+                    "step": None,
+                    "source": s,
+                    "target": t,
+                    "value": matrix[i, j],
+                    "lr": None,
+                }
+                for i, s in enumerate(tasks)
+                for j, t in enumerate(tasks)
+            ]
+            report(
+                method,
+                matrix,
+                rows,
+                {
+                    "cost": cost,
+                    "gain": "direction-aware relative gain of the target's primary validation metric (best step) "
+                    "over the target trained alone",
+                    "steps_per_task": aff.trained_steps_per_task,
+                },
+            )
+    return AffinityResult(tasks, matrices, folders, separation)

@@ -1,0 +1,179 @@
+"""Network trainings as jobs of an Optuna study on an RDB storage: many workers, no job lost.
+
+Trained affinity estimators (pairwise, subsets) and ``taskgroup compare`` need many independent
+network trainings. They are queued as *enqueued trials* of an Optuna study (one trial per job,
+its user attribute ``job`` naming the network), on an RDB storage: a SQLite file for the
+processes of one machine, a PostgreSQL URL for many machines. A worker is ``study.optimize``
+whose objective trains the trial's network through the engine into the shared work folder and
+returns; the network's per-task results are stored on the trial.
+
+What makes it safe:
+
+- a live worker records a heartbeat; a trial whose worker died (killed, preempted) is failed
+  after ``grace`` seconds by the next worker that looks, and Optuna's
+  ``RetryHeartbeatStaleTrialCallback`` enqueues it again with the same job, so another worker
+  takes it and *resumes from the dead worker's last checkpoint* (same network folder);
+- a job already complete is never trained again: a duplicate (a job queued twice by two
+  coordinators) is marked pruned with the trial that measured it, and a network folder with
+  ``done.json`` is reused by :func:`taskgroup.training.run.train_network`;
+- the study holds everything a worker needs (the run config, the jobs' task sets, the work
+  folder), so ``taskgroup worker --storage URL --study NAME`` joins from any machine that sees
+  the same work folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from taskgroup.config import RunConfig, from_mapping, to_mapping
+from taskgroup.tasks import TaskRegistry, load_registry
+from taskgroup.training.data import TrainingData, prepare_data
+from taskgroup.training.run import network_hash, safe_name, train_network
+
+log = logging.getLogger("taskgroup")
+
+JOB = "job"  # the fixed parameter of every queued trial
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkJob:
+    """One network to train: its tasks and the seed (the config is the study's)."""
+
+    tasks: tuple[str, ...]
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return "+".join(sorted(self.tasks)) + f"@{self.seed}"
+
+    @classmethod
+    def from_key(cls, key: str) -> NetworkJob:
+        tasks, _, seed = key.rpartition("@")
+        return cls(tuple(tasks.split("+")), int(seed))
+
+
+def storage_for(url: str, heartbeat: int, grace: int) -> optuna.storages.RDBStorage:
+    """An RDB storage whose stale trials (no heartbeat for ``grace`` s) are queued again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat,
+            grace_period=grace,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+        )
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def create_queue(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    cfg: RunConfig,
+    jobs: Sequence[NetworkJob],
+    work_dir: Path,
+) -> optuna.Study:
+    """Create (or join) the study ``name`` and queue every job it does not hold yet."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
+    if "config" not in study.user_attrs:
+        study.set_user_attr("config", to_mapping(cfg))
+        study.set_user_attr("work_dir", str(Path(work_dir).resolve()))
+    queued = {t.user_attrs.get(JOB) for t in study.get_trials(deepcopy=False)}
+    for job in jobs:
+        if job.key not in queued:
+            study.enqueue_trial({}, user_attrs={JOB: job.key})
+            queued.add(job.key)
+    return study
+
+
+class Worker:
+    """Takes queued jobs of a study until none is waiting or running, training each one."""
+
+    def __init__(self, study: optuna.Study, registry: TaskRegistry | None = None) -> None:
+        self.study = study
+        self.cfg = from_mapping(RunConfig, study.user_attrs["config"], f"study {study.study_name}")
+        self.work_dir = Path(study.user_attrs["work_dir"])
+        self.registry = registry or load_registry(self.cfg.registry)
+        self._data: TrainingData | None = None
+
+    def network_dir(self, job: NetworkJob) -> Path:
+        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, seed=job.seed))
+        return self.work_dir / "networks" / f"{safe_name(job.key)[:80]}-{network_hash(cfg, job.tasks)}"
+
+    def _training_data(self) -> TrainingData:
+        if self._data is None:  # every task of the study's jobs, prepared once per worker
+            jobs = [_job_of(t) for t in self.study.get_trials(deepcopy=False)]
+            tasks = sorted({task for job in jobs if job for task in job.tasks})
+            self._data = prepare_data(self.cfg.data, self.registry, tasks)
+        return self._data
+
+    def objective(self, trial: optuna.Trial) -> float:
+        queued = trial.user_attrs.get(JOB)
+        if queued is None:  # asked when the queue was already empty: nothing to do
+            raise optuna.TrialPruned("no queued job left")
+        key = str(queued)
+        job = NetworkJob.from_key(key)
+        done = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get(JOB) == key
+        ]
+        if done:
+            trial.set_user_attr("duplicate_of", done[0].number)
+            raise optuna.TrialPruned(f"job {key} was measured by trial {done[0].number}")
+        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, seed=job.seed))
+        start = time.perf_counter()
+        result = train_network(
+            cfg, self.registry, job.tasks, self.network_dir(job), key, self._training_data()
+        )
+        trial.set_user_attr("best", json.loads(json.dumps(result.best)))
+        trial.set_user_attr("seconds", time.perf_counter() - start)
+        trial.set_user_attr("network_dir", str(result.out_dir))
+        return 0.0
+
+    def run(self, poll: float = 1.0) -> int:
+        """Work until every job is complete; returns how many jobs this worker finished."""
+        finished = 0
+        states = optuna.trial.TrialState
+        while True:
+            trials = self.study.get_trials(deepcopy=False)
+            waiting = [t for t in trials if t.state == states.WAITING]
+            running = [t for t in trials if t.state == states.RUNNING]
+            if waiting:
+                before = len(self.study.get_trials(deepcopy=False, states=(states.COMPLETE,)))
+                self.study.optimize(self.objective, n_trials=1, catch=())
+                after = len(self.study.get_trials(deepcopy=False, states=(states.COMPLETE,)))
+                finished += after > before
+            elif running:  # another worker holds the last jobs: wait, take them over if it dies
+                time.sleep(poll)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(self.study)
+            else:
+                return finished
+
+
+def _job_of(trial: optuna.trial.FrozenTrial) -> NetworkJob | None:
+    key = trial.user_attrs.get(JOB)
+    return NetworkJob.from_key(key) if key else None
+
+
+def job_results(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """Complete jobs: key -> the network's best per task ({task: {"step", "value", "metrics"}})."""
+    out = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        out[t.user_attrs[JOB]] = t.user_attrs["best"]
+    return out

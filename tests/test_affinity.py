@@ -1,0 +1,268 @@
+"""Affinity: probes leave training untouched and measure what they claim; corrections; trained
+estimators from job results; the job queue survives a killed worker."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from test_training import tiny_config
+
+from taskgroup.affinity import (
+    AffinityProbe,
+    correct,
+    pairwise_jobs,
+    pairwise_matrix,
+    probe_parameters,
+    read_matrix,
+    run_affinity,
+    subset_jobs,
+    subsets_matrix,
+)
+from taskgroup.affinity.report import planted_separation
+from taskgroup.losses import task_loss
+from taskgroup.models import build_model
+from taskgroup.training import Callback, build_optimiser, prepare_data, train_network
+from taskgroup.training.jobs import NetworkJob, create_queue, job_results, sqlite_url, storage_for
+
+TASKS = ["breast_lesion", "lung_2cls", "thyroid_nodule", "IUGC"]
+
+
+# -- corrections and matrices from job results ---------------------------------------------------
+
+
+def test_type_centre_removes_each_type_block_mean_and_keeps_the_diagonal():
+    types = ["seg", "seg", "cls", "cls"]
+    a = np.array(
+        [
+            [9.0, 1.0, 2.0, 4.0],
+            [3.0, 9.0, 6.0, 8.0],
+            [0.0, 2.0, 9.0, 5.0],
+            [4.0, 6.0, 1.0, 9.0],
+        ]
+    )
+    out = correct(a, types, "type_centre")
+    assert np.allclose(np.diag(out), 9.0)
+    # seg->seg block off-diagonal {1, 3}: mean 2; seg->cls {2, 4, 6, 8}: mean 5; cls->seg {0, 2, 4, 6}: 3
+    assert out[0, 1] == -1 and out[1, 0] == 1
+    assert out[0, 2] == -3 and out[1, 3] == 3
+    assert out[2, 0] == -3 and out[3, 1] == 3
+    assert out[2, 3] == 2 and out[3, 2] == -2  # cls->cls {5, 1}: mean 3
+    scaled = correct(a, types, "type_scale")
+    assert scaled[0, 2] == pytest.approx(-3 / np.std([2.0, 4.0, 6.0, 8.0]) * 1)
+    with pytest.raises(ValueError, match="unknown correction"):
+        correct(a, types, "zscore")
+
+
+def _best(values: dict[str, float]) -> dict:
+    return {t: {"step": 10, "value": v, "metrics": {}} for t, v in values.items()}
+
+
+def test_pairwise_gains_are_direction_aware_and_reuse_single_task_runs(registry):
+    tasks = ["breast_lesion", "IUGC", "lung_2cls"]
+    jobs = pairwise_jobs(tasks)
+    assert [j.tasks for j in jobs[:3]] == [(t,) for t in tasks] and len(jobs) == 3 + 3
+    results = {
+        NetworkJob(("breast_lesion",)).key: _best({"breast_lesion": 0.5}),
+        NetworkJob(("IUGC",)).key: _best({"IUGC": 20.0}),  # MRE: lower is better
+        NetworkJob(("lung_2cls",)).key: _best({"lung_2cls": 0.8}),
+        NetworkJob(("breast_lesion", "IUGC")).key: _best({"breast_lesion": 0.6, "IUGC": 25.0}),
+        NetworkJob(("breast_lesion", "lung_2cls")).key: _best({"breast_lesion": 0.4, "lung_2cls": 0.9}),
+        # (IUGC, lung_2cls) not measured yet
+    }
+    a = pairwise_matrix(results, tasks, registry)
+    assert a[1, 0] == pytest.approx(0.2)  # IUGC helps breast_lesion: 0.5 -> 0.6
+    assert a[0, 1] == pytest.approx(-0.25)  # breast_lesion hurts IUGC: MRE 20 -> 25
+    assert a[2, 0] == pytest.approx(-0.2) and a[0, 2] == pytest.approx(0.125)
+    assert np.isnan(a[2, 1]) and np.isnan(a[1, 2])
+    assert np.all(np.diag(a) == 0)
+
+
+def test_subsets_regression_recovers_additive_effects(registry):
+    tasks = ["breast_lesion", "fetal_heart", "cervix", "lung", "thyroid_nodule", "carotid_artery"]
+    rng = np.random.default_rng(0)
+    effect = rng.normal(0, 0.1, (6, 6))
+    np.fill_diagonal(effect, 0)
+    jobs = subset_jobs(tasks, 3, 20, seed=0)
+    assert len(jobs) == 6 + 20 and len({j.key for j in jobs}) == len(jobs)
+    results = {NetworkJob((t,)).key: _best({t: 0.5}) for t in tasks}
+    for job in jobs[6:]:
+        members = [tasks.index(t) for t in job.tasks]
+        results[job.key] = _best({t: 0.5 * (1 + effect[members, tasks.index(t)].sum()) for t in job.tasks})
+    a = subsets_matrix(results, tasks, registry, alpha=1e-6)
+    assert np.allclose(a, effect, atol=1e-4)
+
+
+def test_planted_separation_on_a_known_matrix():
+    a = np.array([[0, 2, -2, -1], [2, 0, -1, -1], [-2, -1, 0, 3], [-1, -1, 3, 0]], dtype=float)
+    sep = planted_separation(a, [0, 0, 1, 1])
+    assert sep["within"] == 2.5 and sep["across"] == -1.25 and sep["gap"] == 3.75
+    assert sep["gap_sd"] == pytest.approx(3.75 / np.std([-2, -2, -1, -1, -1, -1, -1, -1]))
+
+
+# -- probes ------------------------------------------------------------------------------------
+
+
+class StateAt(Callback):
+    """Keeps a copy of the model weights after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.state = step, None
+
+    def on_step_end(self, engine, output) -> None:
+        if output.step == self.step:
+            self.state = copy.deepcopy(engine.model.state_dict())
+
+
+def test_probes_leave_training_exactly_as_without_them(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tiny_synth, steps=8, eval_every=8, checkpoint_every=8)
+    data = prepare_data(cfg.data, registry, TASKS)
+    plain, probed = StateAt(8), StateAt(8)
+    probe = AffinityProbe(every=3, lookahead=True, gradient=True, batch=4)
+    train_network(cfg, registry, TASKS, tmp_path / "plain", "n", data, [plain])
+    train_network(cfg, registry, TASKS, tmp_path / "probed", "n", data, [probe, probed])
+    assert probe.steps == [3, 6]
+    for key, value in plain.state.items():
+        assert torch.equal(value, probed.state[key]), key
+    m = probe.matrices()
+    assert m["cosine"].shape == (4, 4) and np.allclose(np.diag(m["cosine"]), 1.0)
+    assert np.allclose(m["cosine"], m["cosine"].T) and set(np.unique(m["conflict"])) <= {0.0, 0.5, 1.0}
+    for k, lr in enumerate(probe.lr):  # TAG's normalisation by the learning rate of the step
+        assert np.allclose(probe.values["lookahead"][k], probe.values["lookahead_raw"][k] / lr)
+
+
+class Manual(Callback):
+    """At one step, redoes the lookahead of source 0 by hand on a copy of model and optimiser."""
+
+    def __init__(self, step: int, batch: int, model_cfg) -> None:
+        self.step, self.batch, self.model_cfg, self.z = step, batch, model_cfg, None
+
+    def on_step_end(self, engine, output) -> None:
+        if output.step != self.step:
+            return
+        model = build_model(self.model_cfg, list(engine.tasks.values()))
+        model.load_state_dict(engine.model.state_dict())
+        model.eval()
+        optimiser, _ = build_optimiser(model, engine.cfg, engine.total_steps)
+        # moments, step counts, learning rates (a deep copy: loading keeps the very tensors)
+        optimiser.load_state_dict(copy.deepcopy(engine.optimiser.state_dict()))
+        tasks = list(engine.tasks)
+        batches = {t: engine.probe_batch(t, salt=1, size=self.batch) for t in tasks}
+
+        def loss(t):
+            b = batches[t]
+            return task_loss(
+                engine.tasks[t], model(b.images, t).float(), b.targets, engine.data_cfg.image_size
+            )
+
+        params = probe_parameters(model)
+        with torch.no_grad():
+            before = [float(loss(t)) for t in tasks]
+        grads = torch.autograd.grad(loss(tasks[0]), params, allow_unused=True)
+        model.zero_grad(set_to_none=True)
+        flat = torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, params, strict=True)
+            ]
+        )
+        scale = min(1.0, engine.cfg.grad_clip / (float(flat.norm()) + 1e-6))
+        for p, g in zip(params, grads, strict=True):
+            p.grad = (g if g is not None else torch.zeros_like(p)) * scale
+        optimiser.step()
+        with torch.no_grad():
+            self.z = [1 - float(loss(t)) / before[j] for j, t in enumerate(tasks)]
+
+
+def test_lookahead_is_one_step_of_the_real_optimiser(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tiny_synth, steps=6, eval_every=6, checkpoint_every=6)
+    data = prepare_data(cfg.data, registry, TASKS)
+    manual = Manual(5, batch=4, model_cfg=cfg.model)
+    probe = AffinityProbe(every=5, lookahead=True, gradient=False, batch=4)
+    train_network(cfg, registry, TASKS, tmp_path / "run", "n", data, [manual, probe])
+    measured = probe.values["lookahead_raw"][0][0]
+    assert np.allclose(measured, manual.z, rtol=1e-3, atol=1e-5)
+    assert not np.allclose(measured, 0)  # a real step moved the losses
+
+
+def test_affinity_run_writes_labelled_outputs(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(
+        tiny_synth,
+        steps=None,
+        steps_per_task=3,
+        eval_every=100,
+        checkpoint_every=100,
+    )
+    import dataclasses
+
+    from taskgroup.config import AffinityConfig
+
+    cfg = dataclasses.replace(cfg, affinity=AffinityConfig(every=4, probe_batch=4, correction="type_centre"))
+    result = run_affinity(cfg, tmp_path / "aff", TASKS, registry)
+    for method in ("lookahead", "gradient"):
+        folder = tmp_path / "aff" / method
+        frame = read_matrix(folder / "matrix.csv")
+        assert list(frame.index) == TASKS and frame.index.name == "source \\ target"
+        assert (folder / "heatmap.png").stat().st_size > 1000
+        meta = __import__("json").loads((folder / "meta.json").read_text())
+        assert meta["cost"]["probes"] == 3 and meta["cost"]["training_steps"] == 12
+        assert meta["correction"] == "type_centre" and "planted_separation" not in meta  # a given root
+        long = pd.read_parquet(folder / "long.parquet")
+        assert {"method", "quantity", "step", "source", "target", "value", "diagonal"} <= set(long.columns)
+        assert sorted(long.step.unique()) == [4, 8, 12]
+    assert np.allclose(
+        result.matrices["gradient"], read_matrix(tmp_path / "aff" / "gradient" / "matrix.csv").values
+    )
+
+
+# -- the job queue ------------------------------------------------------------------------------
+
+
+def _states(url: str) -> pd.DataFrame:
+    study = optuna.load_study(study_name="affinity", storage=url)
+    return pd.DataFrame(
+        [{"job": t.user_attrs.get("job"), "state": t.state.name} for t in study.get_trials(deepcopy=False)]
+    )
+
+
+@pytest.mark.slow
+def test_pairwise_with_two_workers_survives_a_killed_worker(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tiny_synth, steps=None, steps_per_task=40, eval_every=40, checkpoint_every=5)
+    jobs = pairwise_jobs(TASKS)
+    url = sqlite_url(tmp_path / "jobs.db")
+    create_queue(storage_for(url, 1, 3), "affinity", cfg, jobs, tmp_path / "jobs")
+    command = [sys.executable, "-m", "taskgroup", "worker", "--storage", url, "--study", "affinity"]
+    command += ["--heartbeat", "1", "--grace", "3", "--threads", "1"]
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the victim is inside a job, past a checkpoint
+        if any((d / "checkpoints" / "last.pt").exists() for d in (tmp_path / "jobs" / "networks").glob("*")):
+            break
+        time.sleep(0.1)
+    else:
+        victim.kill()
+        pytest.fail("the first worker never reached a checkpoint")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed = _states(url)
+    assert (killed.state == "RUNNING").sum() == 1  # the victim's job, left running
+    survivor = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert survivor.returncode == 0, survivor.stderr[-2000:]
+    final = _states(url)
+    complete = final[final.state == "COMPLETE"]
+    assert sorted(complete.job) == sorted(j.key for j in jobs)  # every job measured exactly once
+    assert (final.state == "FAIL").sum() == 1  # the killed attempt, retried
+    results = job_results(optuna.load_study(study_name="affinity", storage=url))
+    matrix = pairwise_matrix(results, TASKS, registry)
+    for j, task in enumerate(TASKS):  # a gain is defined for every target whose alone value is not 0
+        alone = results[NetworkJob((task,)).key][task]["value"]
+        assert np.isfinite(matrix[:, j]).all() == (alone != 0), task
