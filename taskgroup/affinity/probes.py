@@ -149,7 +149,9 @@ class AffinityProbe(Callback):
         if self.lookahead:
             raw = self._lookahead(engine, params, grads, batches)
             record["lookahead_raw"] = raw
-            record["lookahead"] = raw / lr
+            # a step at learning rate 0 (the end of the cosine schedule) measures nothing: NaN,
+            # left out of the mean
+            record["lookahead"] = raw / lr if lr > 0 else np.full_like(raw, np.nan)
         model.train(was_training)
         self.steps.append(engine.step)
         self.lr.append(lr)
@@ -199,7 +201,7 @@ class AffinityProbe(Callback):
     # -- results ------------------------------------------------------------------------------
     def matrices(self) -> dict[str, np.ndarray]:
         """Each quantity averaged over the probes: (tasks, tasks), source rows."""
-        return {name: np.mean(np.stack(v), axis=0) for name, v in self.values.items()}
+        return {name: np.nanmean(np.stack(v), axis=0) for name, v in self.values.items()}
 
     def trajectory(self, tasks: list[str]) -> list[dict[str, Any]]:
         """Long rows (quantity, step, lr, source, target, value) of every probe."""
