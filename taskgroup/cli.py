@@ -276,17 +276,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace, *extra: str):
+    """The run config of a training command: --config, then --set, then --data and ``extra``."""
     from taskgroup.config import load_run_config
+
+    data = [f"data.root={args.data}"] if args.data is not None else []
+    return load_run_config(args.config, [*args.overrides, *data, *extra])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from taskgroup.groupings import load_grouping
     from taskgroup.training import train_grouping
 
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.root={args.data}")
-    if args.skip_bad:
-        overrides.append("data.skip_bad=true")
-    cfg = load_run_config(args.config, overrides)
+    cfg = _run_config(args, *(["data.skip_bad=true"] if args.skip_bad else []))
     registry = load_registry(cfg.registry)
     grouping = load_grouping(args.grouping, registry)
     result = train_grouping(cfg, grouping, args.out, registry, console=console)
@@ -312,16 +314,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_affinity(args: argparse.Namespace) -> int:
     from taskgroup.affinity import run_affinity
-    from taskgroup.config import load_run_config
 
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.root={args.data}")
-    if args.method:
-        overrides.append(f"affinity.methods=[{', '.join(args.method)}]")
-    if args.storage:
-        overrides.append(f"affinity.storage={args.storage}")
-    cfg = load_run_config(args.config, overrides)
+    extra = [f"affinity.methods=[{', '.join(args.method)}]"] if args.method else []
+    extra += [f"affinity.storage={args.storage}"] if args.storage else []
+    cfg = _run_config(args, *extra)
     registry = load_registry(cfg.registry)
     if args.tasks:
         unknown = [t for t in args.tasks if t not in registry.ids]

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from taskgroup.losses import task_loss
 from taskgroup.models import M2DINO
 from taskgroup.training import Callback, Engine, StepOutput
 
@@ -93,8 +92,7 @@ class AffinityProbe(Callback):
     # -- the probe ----------------------------------------------------------------------------
     def _loss(self, engine: Engine, task: str, batch) -> torch.Tensor:
         with engine._autocast():
-            output = engine.model(engine._images(batch), task)
-            return task_loss(engine.tasks[task], output.float(), batch.targets, engine.data_cfg.image_size)
+            return engine.loss(task, engine.model(engine._images(batch), task), batch)
 
     @torch.no_grad()
     def _all_losses(self, engine: Engine, tasks: list[str], batches) -> np.ndarray:
@@ -108,10 +106,8 @@ class AffinityProbe(Callback):
             start = 0
             for k, task in enumerate(tasks):
                 n = batches[task].images.shape[0]
-                output = engine.model.heads[task](features[start : start + n])
-                spec = engine.tasks[task]
                 out[k] = float(
-                    task_loss(spec, output.float(), batches[task].targets, engine.data_cfg.image_size)
+                    engine.loss(task, engine.model.heads[task](features[start : start + n]), batches[task])
                 )
                 start += n
         return out
@@ -147,7 +143,7 @@ class AffinityProbe(Callback):
             record["first_order"] = (lr * gram / before.clamp_min(1e-12)[None, :]).numpy()
             record["conflict"] = (gram < 0).double().numpy()
         if self.lookahead:
-            raw = self._lookahead(engine, params, grads, batches)
+            raw = self._lookahead(engine, params, grads, batches, before.numpy())
             record["lookahead_raw"] = raw
             # a step at learning rate 0 (the end of the cosine schedule) measures nothing: NaN,
             # left out of the mean
@@ -161,7 +157,7 @@ class AffinityProbe(Callback):
         self.cost["seconds"] += time.perf_counter() - start
 
     @torch.no_grad()
-    def _lookahead(self, engine: Engine, params, grads, batches) -> np.ndarray:
+    def _lookahead(self, engine: Engine, params, grads, batches, before: np.ndarray) -> np.ndarray:
         model, optimiser = engine.model, engine.optimiser
         tasks = list(engine.tasks)
         saved = [p.detach().clone() for p in params]
@@ -171,8 +167,7 @@ class AffinityProbe(Callback):
             if p in optimiser.state
         }
         sizes = [p.numel() for p in params]
-        before = np.maximum(self._all_losses(engine, tasks, batches), 1e-12)
-        self.cost["forward"] += len(tasks)
+        before = np.maximum(before, 1e-12)
         out = np.zeros((len(tasks), len(tasks)))
         for i in range(len(tasks)):
             model.zero_grad(set_to_none=True)

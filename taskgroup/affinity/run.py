@@ -107,7 +107,7 @@ def run_trained(
     tasks: list[str],
     out_dir: Path,
     workers: int,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any], list[NetworkJob]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Queue the pairwise/subsets networks and work them off with ``workers`` processes."""
     aff = cfg.affinity
     seed = cfg.train.seed
@@ -151,7 +151,7 @@ def run_trained(
         "workers": workers,
         "storage": url,
     }
-    return results, cost, list(jobs.values())
+    return results, cost
 
 
 def spawn_worker(url: str, study: str, heartbeat: int, grace: int, threads: int | None) -> subprocess.Popen:
@@ -238,7 +238,7 @@ def run_affinity(
                 {"cosine": mean["cosine"], "first_order": mean["first_order"], "conflict": mean["conflict"]},
             )
     if any(m in aff.methods for m in TRAINED_METHODS):
-        results, cost, _ = run_trained(cfg, registry, tasks, out_dir, workers)
+        results, cost = run_trained(cfg, registry, tasks, out_dir, workers)
         for method, build in (("pairwise", pairwise_matrix), ("subsets", subsets_matrix)):
             if method not in aff.methods:
                 continue

@@ -224,6 +224,10 @@ class Engine:
             return batch.images.contiguous(memory_format=torch.channels_last)
         return batch.images
 
+    def loss(self, task: str, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The (unweighted) loss of ``task``'s head output on its batch."""
+        return task_loss(self.tasks[task], output.float(), batch.targets, self.data_cfg.image_size)
+
     def next_batch(self) -> Batch:
         task, positions = self.sampler.next_batch()
         if self.dist.enabled:  # every rank drew the same batch: take this rank's shard
@@ -247,10 +251,8 @@ class Engine:
         """One optimiser step on one task's batch."""
         batch = self.next_batch()
         task = batch.task_id
-        spec = self.tasks[task]
         with self._autocast():
-            output = self.network(self._images(batch), task)
-            loss = task_loss(spec, output.float(), batch.targets, self.data_cfg.image_size)
+            loss = self.loss(task, self.network(self._images(batch), task), batch)
             total = self.cfg.loss_weights.get(task, 1.0) * loss + self.model.aux_loss()
         if not torch.isfinite(total):
             path = self.save_checkpoint()

@@ -108,6 +108,7 @@ class Worker:
         self.work_dir = Path(study.user_attrs["work_dir"])
         self.registry = registry or load_registry(self.cfg.registry)
         self._data: TrainingData | None = None
+        self.finished = 0  # jobs this worker trained to the end
 
     def network_dir(self, job: NetworkJob) -> Path:
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, seed=job.seed))
@@ -142,28 +143,25 @@ class Worker:
         trial.set_user_attr("best", json.loads(json.dumps(result.best)))
         trial.set_user_attr("seconds", time.perf_counter() - start)
         trial.set_user_attr("network_dir", str(result.out_dir))
+        self.finished += 1
         return 0.0
 
     def run(self, poll: float = 1.0) -> int:
         """Work until every job is complete; returns how many jobs this worker finished."""
-        finished = 0
         states = optuna.trial.TrialState
         while True:
             trials = self.study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state == states.WAITING]
             running = [t for t in trials if t.state == states.RUNNING]
             if waiting:
-                before = len(self.study.get_trials(deepcopy=False, states=(states.COMPLETE,)))
                 self.study.optimize(self.objective, n_trials=1, catch=())
-                after = len(self.study.get_trials(deepcopy=False, states=(states.COMPLETE,)))
-                finished += after > before
             elif running:  # another worker holds the last jobs: wait, take them over if it dies
                 time.sleep(poll)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(self.study)
             else:
-                return finished
+                return self.finished
 
 
 def _job_of(trial: optuna.trial.FrozenTrial) -> NetworkJob | None:
