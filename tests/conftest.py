@@ -25,6 +25,14 @@ def tiny_synth(tmp_path_factory, registry) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def default_cache(tmp_path_factory) -> Path:
+    """A cache folder for runs of the default config (configs/tiny.yaml with
+    ``data.cache_dir`` set to it): the first test that trains with it generates the synthetic
+    benchmark and pretrains the synthetic encoder there (about 2.5 minutes), later ones reuse."""
+    return tmp_path_factory.mktemp("default-cache")
+
+
 @pytest.fixture
 def fixture_root(tmp_path) -> Path:
     from fixtures import make_fixture_root

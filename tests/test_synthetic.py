@@ -107,13 +107,22 @@ def test_labels_follow_the_planted_rules(group, registry):
             assert max(dist) <= 2.5, (task, seed, dist)
         assert target["fetal_femur"][0][0] <= target["fetal_femur"][1][0]
         # classification labels are the factors of their structure
-        b, ln = scene.blob, scene.lines
-        angle = math.degrees(math.atan2(b.cy - 0.58 * scanner.size[0], b.cx - scanner.size[1] / 2)) % 360
+        b, p, ln = scene.blob, scene.patch, scene.lines
+        centre_y, centre_x = 0.58 * scanner.size[0], scanner.size[1] / 2
+        angle = math.degrees(math.atan2(b.cy - centre_y, b.cx - centre_x)) % 360
         assert target["fetal_sacral_pos_cls"] == int(angle // 45)
-        assert target["organ_cls"] == int(math.degrees(b.theta) % 180 // 30)
+        assert target["organ_cls"] == int(angle // 60)
+        p_angle = math.degrees(math.atan2(p.cy - centre_y, p.cx - centre_x)) % 360
+        assert target["fetal_plane_cls"] == int(p_angle // 60)
+        assert target["breast_2cls"] == int(p.cx > centre_x)
         direction = math.degrees(math.atan2(ln.head[1] - ln.tail[1], ln.head[0] - ln.tail[0])) % 360
         assert target["fetal_head_pos_cls"] == int(direction // 45)
-        assert target["lung_disease_3cls"] == len(ln.others)
+        mid_x, mid_y = (
+            (ln.tail[0] + ln.head[0]) / 2 / scanner.size[1],
+            (ln.tail[1] + ln.head[1]) / 2 / scanner.size[0],
+        )
+        assert target["breast_3cls"] == min(2, int(3 * (mid_y - 0.22) / 0.6))
+        assert target["lung_disease_3cls"] == min(2, int(3 * (mid_x - 0.12) / 0.76))
         assert (target["head_symphysis_multi"] == 2).any() == (len(ln.others) > 0)
         seg = target["cardiac_multi"]
         assert set(np.unique(seg)) == {0, 1, 2, 3}

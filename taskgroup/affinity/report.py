@@ -159,6 +159,32 @@ def planted_separation(matrix: np.ndarray, labels: Sequence[int]) -> dict[str, f
     }
 
 
+def agreement(matrices: Mapping[str, np.ndarray], reference: str) -> pd.DataFrame:
+    """Spearman rank correlation of each method's off-diagonal entries with the ``reference``
+    method's (e.g. every cheap estimator against trained ``pairwise`` transfer), over the
+    entries both have finite; one row per other method."""
+    from scipy.stats import spearmanr
+
+    ref = matrices[reference]
+    mask = off_diagonal(ref) & np.isfinite(ref)
+    rows = []
+    for method, matrix in matrices.items():
+        if method == reference:
+            continue
+        both = mask & np.isfinite(matrix)
+        rho, p = spearmanr(matrix[both], ref[both])
+        rows.append(
+            {
+                "method": method,
+                "reference": reference,
+                "spearman": float(rho),
+                "p": float(p),
+                "pairs": int(both.sum()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def incoming(matrix: np.ndarray, tasks: Sequence[str], registry: TaskRegistry, by: str) -> pd.Series:
     """Mean incoming transfer (over sources, off-diagonal) per clinical group or task type."""
     mask = off_diagonal(matrix)

@@ -12,9 +12,10 @@ Every image is a scene drawn from a few latent factors, one per *structure*:
 - ``blob``: a dark ellipse with a bright rim and posterior enhancement (a cyst or lesion); its
   size, elongation, orientation and position around the image centre are factors.
 - ``texture``: a rotated rectangle of oriented stripes around a dark unstriped core (an
-  organ's parenchyma); its stripe orientation, stripe period and size are factors.
+  organ's parenchyma); its position, stripe period and size are factors (the stripes' direction is free).
 - ``lines``: bright line segments with acoustic shadows (bone, pleura); the main line's direction
-  (marked by a bright knob at its head), its length and the number of lines are factors.
+  (marked by a bright knob at its head), its position and length and the number of lines are
+  factors.
 
 Each task's label depends on one structure only (table :data:`TASK_FACTORS`), so the tasks form
 three *planted groups*, of 9 tasks each, that need the same structure and must help each other;
@@ -77,7 +78,9 @@ TASK_FACTORS: dict[str, TaskFactor] = {
         "blob",
         "octant of the blob centre around the image centre (45 degree sectors, angle from +x towards +y, y pointing down)",
     ),
-    "organ_cls": TaskFactor("blob", "blob major-axis orientation in 30 degree bins"),
+    "organ_cls": TaskFactor(
+        "blob", "sextant of the blob centre around the image centre (60 degree sectors, as the octant)"
+    ),
     "thyroid_nodule_det": TaskFactor("blob", "bounding box of the blob"),
     "fetal_femur": TaskFactor("blob", "the two ends of the blob's major axis (point 1 = smaller x)"),
     # planted group "texture"
@@ -85,8 +88,10 @@ TASK_FACTORS: dict[str, TaskFactor] = {
     "cervix": TaskFactor("texture", "mask of the striped patch"),
     "ovary_tumor": TaskFactor("texture", "mask of the patch's dark core"),
     "cervix_multi": TaskFactor("texture", "1 patch outside its core, 2 core"),
-    "fetal_plane_cls": TaskFactor("texture", "stripe orientation in 30 degree bins"),
-    "breast_2cls": TaskFactor("texture", "stripe period: 0 coarse, 1 fine"),
+    "fetal_plane_cls": TaskFactor(
+        "texture", "sextant of the patch centre around the image centre (60 degree sectors, as the octant)"
+    ),
+    "breast_2cls": TaskFactor("texture", "side of the patch centre: 0 left of the image centre, 1 right"),
     "liver_lesion_2cls": TaskFactor("texture", "patch size: 0 small, 1 large"),
     "uterine_fibroid_det": TaskFactor("texture", "bounding box of the patch"),
     "FUGC": TaskFactor("texture", "the two ends of the patch's long axis (point 1 = smaller x)"),
@@ -96,8 +101,12 @@ TASK_FACTORS: dict[str, TaskFactor] = {
     "fetal_head": TaskFactor("lines", "mask of the acoustic shadows below the lines"),
     "head_symphysis_multi": TaskFactor("lines", "1 main line with knob, 2 secondary lines"),
     "fetal_head_pos_cls": TaskFactor("lines", "direction tail->knob of the main line in 45 degree bins"),
-    "lung_disease_3cls": TaskFactor("lines", "number of lines minus one (1, 2 or 3 lines)"),
-    "breast_3cls": TaskFactor("lines", "main line length: 0 short, 1 medium, 2 long"),
+    "lung_disease_3cls": TaskFactor(
+        "lines", "horizontal third of the main line's midpoint: 0 left, 1 middle, 2 right"
+    ),
+    "breast_3cls": TaskFactor(
+        "lines", "depth third of the main line's midpoint: 0 shallow, 1 middle, 2 deep"
+    ),
     "spinal_cord_injury_loc": TaskFactor("lines", "bounding box of the main line with its knob"),
     "IUGC": TaskFactor("lines", "main line: 1 tail, 2 midpoint, 3 knob centre"),
 }
@@ -108,13 +117,13 @@ STRUCTURES = ("blob", "texture", "lines")
 CLASS_FACTORS = {
     "lung_2cls": "blob.size",
     "fetal_sacral_pos_cls": "blob.octant",
-    "organ_cls": "blob.orientation",
-    "fetal_plane_cls": "texture.orientation",
-    "breast_2cls": "texture.period",
+    "organ_cls": "blob.sextant",
+    "fetal_plane_cls": "texture.sextant",
+    "breast_2cls": "texture.side",
     "liver_lesion_2cls": "texture.size",
     "fetal_head_pos_cls": "lines.direction",
-    "lung_disease_3cls": "lines.count",
-    "breast_3cls": "lines.length",
+    "lung_disease_3cls": "lines.across",
+    "breast_3cls": "lines.depth",
 }
 
 
@@ -142,7 +151,15 @@ FOLDER_NAMES = {
 
 #: bumped whenever a rule or a count changes, so that cached benchmarks, pretext sets and
 #: encoders built by an older generator are never reused (it is part of their cache names)
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
+
+#: the "image centre" of the position classes (octant, sextant): the middle of the fan's depth
+CENTRE_Y = 0.58
+
+#: where the main line's midpoint lies, as shares of the image height / width: the spans that
+#: breast_3cls (depth) and lung_disease_3cls (horizontal position) cut into thirds
+LINE_DEPTH = (0.22, 0.82)
+LINE_ACROSS = (0.12, 0.88)
 
 SCALES = {"tiny": 60, "small": 1200, "medium": 3000}  # train images of the most common task
 TINY_FLOOR = 8  # only the "tiny" test scale lifts its rarest tasks to this floor
@@ -226,7 +243,7 @@ class Blob:
     rim: float
     large: int
     octant: int
-    orientation_bin: int
+    sextant: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +257,8 @@ class Patch:
     period: float
     large: int
     fine: int
-    orientation_bin: int
+    sextant: int
+    side: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +271,8 @@ class Lines:
     shadow_depth: float
     direction_bin: int
     length_bin: int
+    depth_third: int  # of the main line's midpoint, see LINE_DEPTH
+    across_third: int  # of the main line's midpoint, see LINE_ACROSS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,41 +356,57 @@ def sample_scene(
     height, width = scanner.size
     s = float(min(height, width))
     n = 64  # candidates per batch
-    for _attempt in range(50):
+    for _attempt in range(400):  # a set sextant in the narrow phased fan can take a few hundred
         # blob: size class, orientation bin, octant of its centre around the image centre
         large = _draw(rng, fixed, "blob.size", 2)
         a = s * (rng.uniform(0.16, 0.19) if large else rng.uniform(0.08, 0.1))
         b = a / rng.uniform(1.55, 1.9)
-        orient_bin = _draw(rng, fixed, "blob.orientation", 6)
-        theta = math.radians(orient_bin * 30 + 15 + rng.uniform(-8, 8))
+        theta = rng.uniform(0, math.pi)
         octant = _draw(rng, fixed, "blob.octant", 8)
-        ang = math.radians(octant * 45 + 22.5 + rng.uniform(-12, 12))
+        sextant = _draw(rng, fixed, "blob.sextant", 6)
+        # the centre's angle comes from whichever of the two position classes is set (octant by
+        # default); both labels are then read off the angle
+        if fixed and "blob.sextant" in fixed:
+            deg = sextant * 60 + 30 + rng.uniform(-18, 18)
+        else:
+            deg = octant * 45 + 22.5 + rng.uniform(-12, 12)
+        octant, sextant = int(deg // 45) % 8, int(deg // 60) % 6
+        ang = math.radians(deg)
         r = s * rng.uniform(0.15, 0.21)
         blob = Blob(
             width / 2 + r * math.cos(ang),
-            0.58 * height + r * math.sin(ang),
+            CENTRE_Y * height + r * math.sin(ang),
             a,
             b,
             theta,
             max(1.6, 0.028 * s),
             large,
             octant,
-            orient_bin,
+            sextant,
         )
         if not _in_view(_bbox_blob(blob)[None], region)[0]:
             continue
         bbox_b = _bbox_blob(blob, pad=0.02 * s)
         bbox_b[3] += 0.11 * s  # keep the posterior enhancement below the blob clear
-        # texture patch: size class, stripe period class, stripe orientation bin; free position
+        # texture patch: size class, stripe period class; free stripe orientation; free position
+        # unless its sextant or side (around / about the image centre) is set
         large_p = _draw(rng, fixed, "texture.size", 2)
         hl = s * (rng.uniform(0.18, 0.21) if large_p else rng.uniform(0.12, 0.145))
         hw = s * rng.uniform(0.12, 0.135)
         fine = _draw(rng, fixed, "texture.period", 2)
         period = s * (0.085 if fine else 0.15) * rng.uniform(0.95, 1.05)
-        p_bin = _draw(rng, fixed, "texture.orientation", 6)
-        psi = math.radians(p_bin * 30 + 15 + rng.uniform(-6, 6))
-        cx = rng.uniform(0.1, 0.9, n) * width
-        cy = rng.uniform(0.2, 0.9, n) * height
+        p_sextant = _draw(rng, fixed, "texture.sextant", 6)
+        p_side = _draw(rng, fixed, "texture.side", 2)
+        psi = rng.uniform(0, math.pi)
+        if fixed and "texture.sextant" in fixed:
+            p_ang = np.radians(p_sextant * 60 + rng.uniform(4, 56, n))
+            p_r = s * rng.uniform(0.12, 0.45, n)
+            cx, cy = width / 2 + p_r * np.cos(p_ang), CENTRE_Y * height + p_r * np.sin(p_ang)
+        else:
+            cx = rng.uniform(0.1, 0.9, n) * width
+            cy = rng.uniform(0.2, 0.9, n) * height
+            if fixed and "texture.side" in fixed:
+                cx = (0.5 + (1 if p_side else -1) * rng.uniform(0.06, 0.4, n)) * width
         phi = rng.uniform(0, math.pi, n)
         ex = np.abs(hl * np.cos(phi)) + np.abs(hw * np.sin(phi))
         ey = np.abs(hl * np.sin(phi)) + np.abs(hw * np.cos(phi))
@@ -379,16 +415,33 @@ def sample_scene(
         k = _first(_in_view(boxes, region) & _clear_of(boxes + np.array([-pad, -pad, pad, pad]), [bbox_b]))
         if k is None:
             continue
-        patch = Patch(float(cx[k]), float(cy[k]), hl, hw, float(phi[k]), psi, period, large_p, fine, p_bin)
+        p_deg = math.degrees(math.atan2(cy[k] - CENTRE_Y * height, cx[k] - width / 2)) % 360
+        p_sextant, p_side = int(p_deg // 60) % 6, int(cx[k] > width / 2)
+        patch = Patch(
+            float(cx[k]), float(cy[k]), hl, hw, float(phi[k]), psi, period, large_p, fine, p_sextant, p_side
+        )
         bbox_p = _bbox_patch(patch, 0.03 * s)
-        # lines: main line direction bin and length bin, 0-2 secondary lines; free positions
+        # lines: main line direction bin and length bin, 0-2 secondary lines; the main line's
+        # midpoint is free unless its depth or horizontal third is set
         length_bin = _draw(rng, fixed, "lines.length", 3)
         length = s * (0.16, 0.3, 0.45)[length_bin] * rng.uniform(0.95, 1.05)
         d_bin = _draw(rng, fixed, "lines.direction", 8)
         alpha = math.radians(d_bin * 45 + 22.5 + rng.uniform(-10, 10))
         thickness, knob, shadow = max(1.6, 0.03 * s), max(3.0, 0.06 * s), 0.16 * s
-        tails = np.stack([rng.uniform(0.05, 0.95, n) * width, rng.uniform(0.15, 0.8, n) * height], axis=1)
-        heads = tails + length * np.array([math.cos(alpha), math.sin(alpha)])
+        depth = _draw(rng, fixed, "lines.depth", 3)
+        across = _draw(rng, fixed, "lines.across", 3)
+        mid = np.stack([rng.uniform(*LINE_ACROSS, n), rng.uniform(*LINE_DEPTH, n)], axis=1)
+        for axis, name, band, (lo_, hi_) in (
+            (1, "lines.depth", depth, LINE_DEPTH),
+            (0, "lines.across", across, LINE_ACROSS),
+        ):
+            if fixed and name in fixed:
+                third = (hi_ - lo_) / 3
+                mid[:, axis] = rng.uniform(lo_ + band * third, lo_ + (band + 1) * third, n)
+        mid *= np.array([width, height])
+        direction = np.array([math.cos(alpha), math.sin(alpha)])
+        tails = mid - 0.5 * length * direction
+        heads = mid + 0.5 * length * direction
         lo = np.minimum(tails, heads) - knob
         hi = np.maximum(tails, heads) + knob
         visible = _in_view(np.concatenate([lo, hi], axis=1), region)
@@ -397,6 +450,7 @@ def sample_scene(
         if k is None:
             continue
         tail, head = tails[k], heads[k]
+        depth, across = (_third(mid[k, 1] / height, LINE_DEPTH), _third(mid[k, 0] / width, LINE_ACROSS))
         avoid = [bbox_b, bbox_p]
         others: list[tuple[tuple[float, float], tuple[float, float]]] = []
         for _ in range(_draw(rng, fixed, "lines.count", 3)):
@@ -422,11 +476,27 @@ def sample_scene(
                 break
             others.append((tuple(starts[j]), tuple(ends[j])))
         else:
-            lines = Lines(tuple(tail), tuple(head), tuple(others), thickness, knob, shadow, d_bin, length_bin)
+            lines = Lines(
+                tuple(tail),
+                tuple(head),
+                tuple(others),
+                thickness,
+                knob,
+                shadow,
+                d_bin,
+                length_bin,
+                depth,
+                across,
+            )
             return Scene(scanner, blob, patch, lines, seed)
     raise RuntimeError(
         f"could not place the structures of scene {seed} in a {width}x{height} {scanner.probe} view"
     )
+
+
+def _third(value: float, span: tuple[float, float]) -> int:
+    """Which third of ``span`` a relative coordinate falls in (clipped to 0..2)."""
+    return min(2, max(0, int(3 * (value - span[0]) / (span[1] - span[0]))))
 
 
 def _draw(rng: np.random.Generator, fixed: Mapping[str, int] | None, name: str, classes: int) -> int:
@@ -659,13 +729,13 @@ def task_target(spec: TaskSpec, scene: Scene, masks: SceneMasks):
         labels = {
             "lung_2cls": b.large,
             "fetal_sacral_pos_cls": b.octant,
-            "organ_cls": b.orientation_bin,
-            "fetal_plane_cls": p.orientation_bin,
-            "breast_2cls": p.fine,
+            "organ_cls": b.sextant,
+            "fetal_plane_cls": p.sextant,
+            "breast_2cls": p.side,
             "liver_lesion_2cls": p.large,
             "fetal_head_pos_cls": ln.direction_bin,
-            "lung_disease_3cls": len(ln.others),
-            "breast_3cls": ln.length_bin,
+            "lung_disease_3cls": ln.across_third,
+            "breast_3cls": ln.depth_third,
         }
         if t not in labels:
             raise KeyError(f"no synthetic rule for classification task {t!r}")
@@ -912,9 +982,9 @@ def _write_truth(out: Path, registry: TaskRegistry, scale: str, seed: int, count
         "scale": scale,
         "seed": seed,
         "structures": {
-            "blob": "dark ellipse with bright rim and posterior enhancement: size, elongation, orientation, position",
-            "texture": "rotated rectangle of oriented stripes around a small dark core: stripe orientation, period, size",
-            "lines": "bright segments with acoustic shadows, main one with a knob: direction, length, count",
+            "blob": "dark ellipse with bright rim and posterior enhancement: size, position (orientation free)",
+            "texture": "rotated rectangle of stripes around a small dark core: position, stripe period, size",
+            "lines": "bright segments with acoustic shadows, main one with a knob: direction, position, length, count",
         },
         "planted_groups": {g: list(ids) for g, ids in planted_groups().items()},
         "tasks": {

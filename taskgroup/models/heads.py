@@ -4,8 +4,8 @@ Every head reads the shared spatial feature map (B, C, h, w) of the encoder:
 
 - segmentation: a light upsampling decoder (one 3x3 conv at the token grid, then x2
   upsampling + 3x3 conv stages) to class logits at half the input size, upsampled bilinearly;
-- classification: two convolutions, pooled to a coarse grid that is flattened (the layout is
-  kept: size, count, position and orientation survive), then a linear layer;
+- classification: two convolutions, then a coarse grid of a narrow projection (the layout:
+  position, count) beside a global max and mean (free-position cues), then a linear layer;
 - regression: K keypoint heatmaps at twice the token grid, turned into coordinates by
   soft-argmax (integral regression, Sun et al. 2018), in [0, 1] of the resized frame;
 - detection: one box per image as a centre heatmap with soft-argmax and a half-size map read
@@ -80,25 +80,34 @@ class AttentionPool(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """Convolutions on the feature map, pooled to a coarse ``grid`` x ``grid`` layout that is
-    flattened, then a linear layer. Keeping the layout matters: a (softmax) attention or mean
-    pool averages tokens away and, with them, a structure's size, count, position and
-    orientation, which is what many ultrasound labels are about (measured on the synthetic
-    benchmark: attention pooling fitted the training sets and stayed at chance on validation)."""
+    """Two convolutions on the feature map, then three poolings side by side before a linear
+    layer: a coarse ``grid`` x ``grid`` average of a narrow (``layout_channels``) projection
+    that keeps the layout (position, count), and a global max and a global mean that are
+    invariant to where a structure lies (its texture, orientation, size).
 
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 64, grid: int = 4) -> None:
+    Measured on the synthetic benchmark with a frozen pretrained encoder (8 epochs of the head):
+    a mean or attention pool alone fits the training sets and stays at chance on validation;
+    a flattened 4x4 grid of all channels learns position (fetal_sacral_pos_cls 0.79) but
+    memorises free-position cues (fetal_plane_cls 0.28, chance 0.17); a global max alone the
+    reverse (0.54 and 0.36). The three together: 0.40 and 0.73."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, hidden: int = 64, grid: int = 4, layout_channels: int = 16
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
             nn.GELU(),
             nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),
             nn.GELU(),
-            nn.AdaptiveAvgPool2d(grid),
         )
-        self.fc = nn.Linear(hidden * grid * grid, num_classes)
+        self.layout = nn.Sequential(nn.Conv2d(hidden, layout_channels, 1), nn.AdaptiveAvgPool2d(grid))
+        self.fc = nn.Linear(layout_channels * grid * grid + 2 * hidden, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(features).flatten(1))
+        x = self.features(features)
+        pooled = [self.layout(x).flatten(1), x.amax(dim=(2, 3)), x.mean(dim=(2, 3))]
+        return self.fc(torch.cat(pooled, dim=1))
 
 
 def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
