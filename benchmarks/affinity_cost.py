@@ -5,7 +5,8 @@
 Measured in one run, on all 27 tasks of the synthetic benchmark with the tiny config: the same
 AU training (same seed, same model, same batches) taken ``--steps`` steps three times, plain,
 with the ``gradient`` probe alone and with the ``lookahead`` probe alone (which needs the same
-per-task gradients), each probe at ``affinity.every`` (the default frequency) or ``--every``.
+per-task gradients), each at its default frequency (``affinity.every``,
+``affinity.lookahead_every``) or the one given.
 The ratios are wall time with the probe / plain wall time (targets, issue 5: gradient <= 1.2x,
 lookahead <= 1.5x). The encoder is random: cost does not depend on the weights.
 """
@@ -57,7 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--every", type=int, default=None, help="probe frequency (default: the config's)")
+    parser.add_argument(
+        "--every", type=int, default=None, help="gradient probe frequency (default: the config's)"
+    )
+    parser.add_argument(
+        "--lookahead-every", type=int, default=None, help="lookahead frequency (default: the config's)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -67,13 +73,19 @@ def main() -> None:
     data = prepare_data(cfg.data, registry, registry.ids)
     aff = cfg.affinity
     every = args.every or aff.every
+    look_every = args.lookahead_every or aff.lookahead_every or every
     variants = {
         "plain": None,
         "gradient": AffinityProbe(
             every, lookahead=False, gradient=True, blocks=aff.blocks, batch=aff.probe_batch
         ),
         "lookahead": AffinityProbe(
-            every, lookahead=True, gradient=False, blocks=aff.blocks, batch=aff.probe_batch
+            every,
+            lookahead=True,
+            gradient=False,
+            blocks=aff.blocks,
+            batch=aff.probe_batch,
+            lookahead_every=look_every,
         ),
     }
     rows, plain = [], None
@@ -84,7 +96,7 @@ def main() -> None:
             {
                 "variant": name,
                 "steps": args.steps,
-                "probe every": every if probe else "-",
+                "probe every": (look_every if name == "lookahead" else every) if probe else "-",
                 "probes": probes,
                 "wall s": round(wall, 1),
                 "s per probe": round((wall - plain) / probes, 2) if probes else "-",

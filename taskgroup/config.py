@@ -281,7 +281,8 @@ AFFINITY_METHODS = ("lookahead", "gradient", "pairwise", "subsets")
 class AffinityConfig:
     """``taskgroup affinity``: which estimators, how often and on what they measure.
 
-    Probes (``lookahead``, ``gradient``) run every ``every`` steps of one multi-task training
+    Probes (``lookahead``, ``gradient``) run every ``every`` steps (the lookahead, about nine
+    times dearer, every ``lookahead_every``; None: ``every``) of one multi-task training
     of ``steps_per_task`` steps per task (None: ``train.steps_per_task``), each on a fresh batch of
     ``probe_batch`` images per task (None: ``data.batch_size``). ``blocks``: measure on the
     shared parameters of the last N encoder blocks only (0: all shared parameters).
@@ -292,6 +293,7 @@ class AffinityConfig:
 
     methods: tuple[str, ...] = ("lookahead", "gradient")
     every: int = 50
+    lookahead_every: int | None = None
     probe_batch: int | None = None
     blocks: int = 0
     correction: Literal["none", "type_centre", "type_scale"] = "type_centre"
@@ -307,8 +309,10 @@ class AffinityConfig:
         unknown = [m for m in self.methods if m not in AFFINITY_METHODS]
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; {did_you_mean(unknown[0], AFFINITY_METHODS)}")
-        if self.every < 1:
-            raise ValueError(f"every must be at least 1, got {self.every}")
+        if self.every < 1 or (self.lookahead_every is not None and self.lookahead_every < 1):
+            raise ValueError(
+                f"every and lookahead_every must be at least 1, got {self.every}, {self.lookahead_every}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

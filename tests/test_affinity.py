@@ -127,16 +127,16 @@ def test_probes_leave_training_exactly_as_without_them(tiny_synth, registry, tmp
     cfg = tiny_config(tiny_synth, steps=8, eval_every=8, checkpoint_every=8)
     data = prepare_data(cfg.data, registry, TASKS)
     plain, probed = StateAt(8), StateAt(8)
-    probe = AffinityProbe(every=3, lookahead=True, gradient=True, batch=4)
+    probe = AffinityProbe(every=2, lookahead=True, gradient=True, batch=4, lookahead_every=3)
     train_network(cfg, registry, TASKS, tmp_path / "plain", "n", data, [plain])
     train_network(cfg, registry, TASKS, tmp_path / "probed", "n", data, [probe, probed])
-    assert probe.steps == [3, 6]
+    assert probe.steps["cosine"] == [2, 4, 6, 8] and probe.steps["lookahead"] == [3, 6]  # own frequencies
     for key, value in plain.state.items():
         assert torch.equal(value, probed.state[key]), key
     m = probe.matrices()
     assert m["cosine"].shape == (4, 4) and np.allclose(np.diag(m["cosine"]), 1.0)
     assert np.allclose(m["cosine"], m["cosine"].T) and set(np.unique(m["conflict"])) <= {0.0, 0.5, 1.0}
-    for k, lr in enumerate(probe.lr):  # TAG's normalisation by the learning rate of the step
+    for k, lr in enumerate(probe.lr["lookahead"]):  # TAG's normalisation by the learning rate of the step
         assert np.allclose(probe.values["lookahead"][k], probe.values["lookahead_raw"][k] / lr)
 
 

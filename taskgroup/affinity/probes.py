@@ -1,6 +1,7 @@
 """Gradient-based affinity, measured by probes during one real multi-task training run.
 
-Every ``every`` steps, after the optimiser step, :class:`AffinityProbe` draws one fresh batch per
+Every ``every`` steps (the lookahead every ``lookahead_every``: it costs about nine times a
+gradient probe), after the optimiser step, :class:`AffinityProbe` draws one fresh batch per
 task (each task's own images: in FM_UIA an image carries one task's label) and computes on the
 *shared* parameters (encoder, experts, routers, neck; optionally only the last N blocks):
 
@@ -62,16 +63,18 @@ class AffinityProbe(Callback):
         gradient: bool = True,
         blocks: int = 0,
         batch: int | None = None,
+        lookahead_every: int | None = None,
     ) -> None:
         if not (lookahead or gradient):
             raise ValueError("an affinity probe needs lookahead, gradient or both")
         self.every = every
+        self.lookahead_every = lookahead_every or every
         self.lookahead = lookahead
         self.gradient = gradient
         self.blocks = blocks
         self.batch = batch
-        self.steps: list[int] = []
-        self.lr: list[float] = []
+        self.steps: dict[str, list[int]] = {}  # quantity -> steps it was probed at
+        self.lr: dict[str, list[float]] = {}
         self.values: dict[str, list[np.ndarray]] = {}
         self.cost = {"probes": 0, "forward": 0, "backward": 0, "optimiser_steps": 0, "seconds": 0.0}
 
@@ -80,14 +83,16 @@ class AffinityProbe(Callback):
         return {"steps": self.steps, "lr": self.lr, "values": self.values, "cost": self.cost}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = list(state.get("steps", []))
-        self.lr = list(state.get("lr", []))
+        self.steps = {k: list(v) for k, v in state.get("steps", {}).items()}
+        self.lr = {k: list(v) for k, v in state.get("lr", {}).items()}
         self.values = {k: list(v) for k, v in state.get("values", {}).items()}
         self.cost = dict(state.get("cost", self.cost))
 
     def on_step_end(self, engine: Engine, output: StepOutput) -> None:
-        if output.step % self.every == 0:
-            self.probe(engine)
+        gradient = self.gradient and output.step % self.every == 0
+        lookahead = self.lookahead and output.step % self.lookahead_every == 0
+        if gradient or lookahead:
+            self.probe(engine, gradient=gradient, lookahead=lookahead)
 
     # -- the probe ----------------------------------------------------------------------------
     def _loss(self, engine: Engine, task: str, batch) -> torch.Tensor:
@@ -112,7 +117,10 @@ class AffinityProbe(Callback):
                 start += n
         return out
 
-    def probe(self, engine: Engine) -> None:
+    def probe(self, engine: Engine, gradient: bool | None = None, lookahead: bool | None = None) -> None:
+        """One probe now (default: every quantity this probe records)."""
+        gradient = self.gradient if gradient is None else gradient
+        lookahead = self.lookahead if lookahead is None else lookahead
         start = time.perf_counter()
         model, optimiser = engine.model, engine.optimiser
         tasks = list(engine.tasks)
@@ -136,23 +144,23 @@ class AffinityProbe(Callback):
         self.cost["backward"] += len(tasks)
         lr = float(next(g["lr"] for g in optimiser.param_groups if g.get("name") == "encoder"))
         record: dict[str, np.ndarray] = {}
-        if self.gradient:
+        if gradient:
             gram = (grads @ grads.T).double().cpu()
             norms = gram.diagonal().clamp_min(1e-30).sqrt()
             record["cosine"] = (gram / norms[:, None] / norms[None, :]).numpy()
             record["first_order"] = (lr * gram / before.clamp_min(1e-12)[None, :]).numpy()
             record["conflict"] = (gram < 0).double().numpy()
-        if self.lookahead:
+        if lookahead:
             raw = self._lookahead(engine, params, grads, batches, before.numpy())
             record["lookahead_raw"] = raw
             # a step at learning rate 0 (the end of the cosine schedule) measures nothing: NaN,
             # left out of the mean
             record["lookahead"] = raw / lr if lr > 0 else np.full_like(raw, np.nan)
         model.train(was_training)
-        self.steps.append(engine.step)
-        self.lr.append(lr)
         for name, matrix in record.items():
             self.values.setdefault(name, []).append(matrix)
+            self.steps.setdefault(name, []).append(engine.step)
+            self.lr.setdefault(name, []).append(lr)
         self.cost["probes"] += 1
         self.cost["seconds"] += time.perf_counter() - start
 
@@ -202,7 +210,7 @@ class AffinityProbe(Callback):
         """Long rows (quantity, step, lr, source, target, value) of every probe."""
         rows = []
         for name, mats in self.values.items():
-            for step, lr, matrix in zip(self.steps, self.lr, mats, strict=True):
+            for step, lr, matrix in zip(self.steps[name], self.lr[name], mats, strict=True):
                 for i, source in enumerate(tasks):
                     for j, target in enumerate(tasks):
                         rows.append(

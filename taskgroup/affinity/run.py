@@ -75,6 +75,7 @@ def run_probes(
         gradient="gradient" in aff.methods,
         blocks=aff.blocks,
         batch=aff.probe_batch,
+        lookahead_every=aff.lookahead_every,
     )
     run_dir = out_dir / "probe_run"
     saved = run_dir / "probes.pt"
@@ -93,6 +94,7 @@ def run_probes(
         "probe_seconds": probe.cost["seconds"],
         "probes": probe.cost["probes"],
         "probe_every": aff.every,
+        "lookahead_every": aff.lookahead_every or aff.every,
         "forward_passes": steps + probe.cost["forward"],
         "backward_passes": steps + probe.cost["backward"],
         "lookahead_optimiser_steps": probe.cost["optimiser_steps"],
@@ -214,7 +216,7 @@ def run_affinity(
                     "correction": aff.correction,
                     "normalisation": "Z = 1 - L_j(after) / L_j(before), divided by the encoder learning rate "
                     "of its step (TAG); lookahead_raw.csv holds Z undivided",
-                    "averaged_over_probes": probe.cost["probes"],
+                    "averaged_over_probes": len(probe.steps.get("lookahead", [])),
                 },
                 {"uncorrected": mean["lookahead"], "lookahead_raw": mean["lookahead_raw"]},
             )
@@ -229,6 +231,7 @@ def run_affinity(
                     "correction": aff.correction,
                     "reported": "cosine similarity of the per-task gradients on the shared parameters, "
                     "averaged over probes, then corrected",
+                    "averaged_over_probes": len(probe.steps.get("cosine", [])),
                     "quantities": {
                         "cosine": "cosine similarity (uncorrected)",
                         "first_order": "lr * <g_i, g_j> / L_j: first-order lookahead (plain SGD step)",
