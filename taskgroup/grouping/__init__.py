@@ -1,11 +1,13 @@
 """Grouping: turn measured affinity or trained-group results into groupings (issue 6).
 
 Imports no torch. ``select``: exact network selection (Standley et al. 2020) by a mixed-integer
-program and by branch and bound.
+program and by branch and bound. ``partition``: graph partitioning of the symmetrised affinity
+(networkx Louvain, greedy modularity, Kernighan-Lin; scikit-learn spectral, agglomerative).
 """
 
 from __future__ import annotations
 
+from taskgroup.grouping.partition import GraphPartitioner, Partition, propose_partitions, symmetrise
 from taskgroup.grouping.select import (
     Candidate,
     NetworkSelector,
@@ -20,12 +22,16 @@ from taskgroup.grouping.select import (
 
 __all__ = [
     "Candidate",
+    "GraphPartitioner",
     "NetworkSelector",
+    "Partition",
     "Selection",
+    "propose_partitions",
     "random_pool",
     "read_network_table",
     "score_selection",
     "select_branch_and_bound",
     "select_brute_force",
     "select_milp",
+    "symmetrise",
 ]
