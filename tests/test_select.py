@@ -18,6 +18,7 @@ from taskgroup.grouping import (
     select_brute_force,
     select_milp,
 )
+from taskgroup.grouping.predict import higher_order_candidates, predicted_gains
 
 # Standley et al.'s network_selection tables (MIT licence, copied with it from ../shared/external)
 STANDLEY = Path(__file__).parent / "data" / "standley"
@@ -109,3 +110,26 @@ def test_a_27_task_instance_covers_every_task_within_budget():
     assert found is not None and found.cost <= 6 and set(found.served) == {f"task{k}" for k in range(27)}
     singles = sum(pool[k].scores[f"task{k}"] for k in range(27))
     assert found.total < singles  # groups of cheaper total loss exist in the pool and are used
+
+
+# Standley et al.'s higher-order approximation (HOA), setting 1, README in tests/data/standley
+HOA_PUBLISHED = [0.5028, 0.4613, 0.4547, 0.4505, 0.4488, 0.4449, 0.4411, 0.4455, 0.4420]
+
+
+def test_higher_order_approximation_reproduces_the_published_curve_up_to_budget_4():
+    """Selecting on HOA-predicted validation losses and scoring on test matches the published
+    HOA curve to its printed decimals at budgets 1-4. At 4.5 and 5 this gives 0.44532 and
+    0.44176 against the printed 0.4455 and 0.4420 (2e-4 off, beyond print precision): not
+    explained yet (a tie broken differently is one candidate), so not asserted."""
+    val, test = _standley("results")
+    predicted = higher_order_candidates(val)
+    assert predicted[-1].scores["t0"] == pytest.approx(np.mean([val[k].scores["t0"] for k in range(10, 14)]))
+    curve = [score_selection(select_milp(predicted, b), test) for b in BUDGETS[:7]]
+    assert curve == pytest.approx(HOA_PUBLISHED[:7], abs=1e-4)
+
+
+def test_predicted_gains_are_the_mean_incoming_affinity():
+    a = np.array([[0.0, 0.2, -0.4], [0.6, 0.0, np.nan], [0.1, 0.3, 0.0]])
+    gains = predicted_gains(a, ["x", "y", "z"], ["x", "y", "z"])
+    assert gains == pytest.approx({"x": 0.35, "y": 0.25, "z": -0.4})
+    assert predicted_gains(a, ["x", "y", "z"], ["y"]) == {"y": 0.0}

@@ -8,6 +8,7 @@ program and by branch and bound. ``partition``: graph partitioning of the symmet
 from __future__ import annotations
 
 from taskgroup.grouping.partition import GraphPartitioner, Partition, propose_partitions, symmetrise
+from taskgroup.grouping.predict import higher_order_candidates, predicted_gains
 from taskgroup.grouping.select import (
     Candidate,
     NetworkSelector,
@@ -26,6 +27,8 @@ __all__ = [
     "NetworkSelector",
     "Partition",
     "Selection",
+    "higher_order_candidates",
+    "predicted_gains",
     "propose_partitions",
     "random_pool",
     "read_network_table",
