@@ -105,10 +105,17 @@ def _selection(
     return Selection(chosen, served, total, float(sum(candidates[c].cost for c in chosen)))
 
 
-def _check_coverable(values: np.ndarray, tasks: Sequence[str]) -> None:
+def _problem(
+    candidates: Sequence[Candidate], tasks: Sequence[str] | None, higher_is_better: bool
+) -> tuple[list[str], np.ndarray, float]:
+    """What every solver starts from: the task list, the (C, T) values to minimise and the sign
+    that turns a minimised total back into scores; a task no candidate contains is an error."""
+    tasks = _task_list(candidates, tasks)
+    values = _value_matrix(candidates, tasks, higher_is_better)
     uncovered = [t for k, t in enumerate(tasks) if not np.isfinite(values[:, k]).any()]
     if uncovered:
         raise ValueError(f"no candidate network contains task(s) {', '.join(uncovered)}")
+    return tasks, values, -1.0 if higher_is_better else 1.0
 
 
 def select_milp(
@@ -123,9 +130,7 @@ def select_milp(
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
-    tasks = _task_list(candidates, tasks)
-    values = _value_matrix(candidates, tasks, higher_is_better)
-    _check_coverable(values, tasks)
+    tasks, values, sign = _problem(candidates, tasks, higher_is_better)
     n_c, n_t = values.shape
     pairs = np.argwhere(np.isfinite(values))  # (P, 2): candidate, task of each y variable
     n_y = len(pairs)
@@ -160,7 +165,7 @@ def select_milp(
     if result.x is None:
         return None
     chosen = [c for c in range(n_c) if result.x[c] > 0.5]
-    return _selection(chosen, candidates, tasks, values, -1.0 if higher_is_better else 1.0)
+    return _selection(chosen, candidates, tasks, values, sign)
 
 
 def select_branch_and_bound(
@@ -170,9 +175,7 @@ def select_branch_and_bound(
     higher_is_better: bool = False,
 ) -> Selection | None:
     """The optimal selection by depth-first branch and bound; for small pools (tens)."""
-    tasks = _task_list(candidates, tasks)
-    values = _value_matrix(candidates, tasks, higher_is_better)
-    _check_coverable(values, tasks)
+    tasks, values, sign = _problem(candidates, tasks, higher_is_better)
     costs = np.array([c.cost for c in candidates], dtype=float)
     # visit cheap, strong candidates first so that a good incumbent prunes early
     order = sorted(
@@ -206,9 +209,7 @@ def select_branch_and_bound(
     visit(0, 0.0, np.full(len(tasks), np.inf), [])
     if best_set is None:
         return None
-    return _selection(
-        [order[k] for k in best_set], candidates, tasks, values, -1.0 if higher_is_better else 1.0
-    )
+    return _selection([order[k] for k in best_set], candidates, tasks, values, sign)
 
 
 def select_brute_force(
@@ -218,8 +219,7 @@ def select_brute_force(
     higher_is_better: bool = False,
 ) -> Selection | None:
     """Every affordable subset of the pool (2^C: tests and tiny pools only)."""
-    tasks = _task_list(candidates, tasks)
-    values = _value_matrix(candidates, tasks, higher_is_better)
+    tasks, values, sign = _problem(candidates, tasks, higher_is_better)
     best_total, best = np.inf, None
     for size in range(1, len(candidates) + 1):
         for subset in itertools.combinations(range(len(candidates)), size):
@@ -230,7 +230,7 @@ def select_brute_force(
                 best_total, best = total, subset
     if best is None:
         return None
-    return _selection(best, candidates, tasks, values, -1.0 if higher_is_better else 1.0)
+    return _selection(best, candidates, tasks, values, sign)
 
 
 SOLVERS = {
