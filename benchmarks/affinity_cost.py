@@ -14,35 +14,20 @@ lookahead <= 1.5x). The encoder is random: cost does not depend on the weights.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-from report import report
+from report import au_engine, report
 
 from taskgroup.affinity.probes import AffinityProbe
 from taskgroup.config import load_run_config
-from taskgroup.models import build_model
-from taskgroup.runtime import configure_cpu, pick_device
+from taskgroup.runtime import configure_cpu
 from taskgroup.tasks import load_registry
-from taskgroup.training import Engine, prepare_data
+from taskgroup.training import prepare_data
 
 
 def measure(cfg, registry, data, steps: int, probe: AffinityProbe | None) -> tuple[float, int]:
-    torch.manual_seed(0)
-    model = build_model(cfg.model, list(registry))
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(
-            model,
-            data,
-            list(registry),
-            cfg.train,
-            cfg.data,
-            Path(tmp),
-            "au",
-            device=pick_device(cfg.train.device),
-        )
+    with au_engine(cfg, registry, data) as engine:
         for _ in range(5):  # warm-up, not timed
             engine.train_step()
         start = time.perf_counter()

@@ -11,18 +11,15 @@ in drawing and assembling batches (target, issue 4: under 10 %).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-from report import report
+from report import au_engine, report
 
 from taskgroup.config import load_run_config
-from taskgroup.models import build_model
-from taskgroup.runtime import configure_cpu, pick_device
+from taskgroup.runtime import configure_cpu
 from taskgroup.tasks import load_registry
-from taskgroup.training import Engine, prepare_data
+from taskgroup.training import prepare_data
 
 
 def measure(config: Path, preload: bool, steps: int) -> dict:
@@ -33,19 +30,7 @@ def measure(config: Path, preload: bool, steps: int) -> dict:
     t0 = time.perf_counter()
     data = prepare_data(cfg.data, registry, registry.ids)
     prepare = time.perf_counter() - t0
-    torch.manual_seed(0)
-    model = build_model(cfg.model, list(registry))
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(
-            model,
-            data,
-            list(registry),
-            cfg.train,
-            cfg.data,
-            Path(tmp),
-            "au",
-            device=pick_device(cfg.train.device),
-        )
+    with au_engine(cfg, registry, data) as engine:
         spent = 0.0
         original = engine.next_batch
 
