@@ -8,6 +8,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+#: the default config (the tiny synthetic setting a new user runs)
+TINY_CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
 NBSP = "\u00a0"
 # (task_id, folder, file name): commas, spaces, parentheses, "+", U+00A0, mixed extensions
 SEG_DIR = f"Segmentation/Three/Cervix (A+B), set{NBSP}1"

@@ -293,15 +293,14 @@ def test_pairwise_sees_the_planted_groups_on_a_subset(default_cache, registry, t
     encoder, 60 steps per task per network): a target gains more from a partner of its own
     planted group than from one of the other (measured: +0.31 against +0.24)."""
     import dataclasses
-    from pathlib import Path
+
+    from fixtures import TINY_CONFIG
 
     from taskgroup.config import load_run_config
     from taskgroup.data.synthetic import planted_labels
 
     tasks = ["breast_lesion", "thyroid_nodule_det", "fetal_head", "IUGC"]
-    cfg = load_run_config(
-        Path(__file__).parents[1] / "configs" / "tiny.yaml", [f"data.cache_dir={default_cache}"]
-    )
+    cfg = load_run_config(TINY_CONFIG, [f"data.cache_dir={default_cache}"])
     cfg = dataclasses.replace(cfg, affinity=dataclasses.replace(cfg.affinity, methods=("pairwise",)))
     result = run_affinity(cfg, tmp_path / "aff", tasks, registry)
     matrix = result.matrices["pairwise"]

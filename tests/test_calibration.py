@@ -5,14 +5,11 @@ suite (about 6 minutes on 2 cores): it is the default run a new user makes."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from fixtures import TINY_CONFIG
 
 from taskgroup.cli import main
 from taskgroup.training.calibration import calibration_markdown, calibration_table
-
-TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
 
 @pytest.mark.slow
@@ -24,7 +21,7 @@ def test_default_au_run_learns_every_task(tmp_path, default_cache):
             "--grouping",
             "au",
             "--config",
-            str(TINY),
+            str(TINY_CONFIG),
             "--out",
             str(run),
             "--set",
