@@ -144,6 +144,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local worker processes for pairwise/subsets")
     p.set_defaults(func=cmd_affinity)
 
+    p = sub.add_parser(
+        "search",
+        help="grouping proposals from affinity runs and/or trained groups (partition, select, optuna)",
+    )
+    p.add_argument("affinity", nargs="*", type=Path, help="affinity run folders (`taskgroup affinity --out`)")
+    p.add_argument(
+        "--groups-table",
+        type=Path,
+        default=None,
+        help="CSV of trained groups: column 'tasks' (ids joined by '+'), optional 'cost', one score "
+        "column per task (higher is better)",
+    )
+    p.add_argument(
+        "--method",
+        nargs="+",
+        default=None,
+        choices=["partition", "select", "optuna"],
+        help="search methods (default: the config's search.methods, all three)",
+    )
+    p.add_argument(
+        "--estimator", nargs="+", default=None, help="affinity methods to use (default: all found)"
+    )
+    p.add_argument("--budget", nargs="+", type=float, default=None, help="select: network budgets")
+    p.add_argument("--max-groups", type=int, default=None, help="optuna: at most this many groups")
+    p.add_argument("--storage", default=None, help="Optuna storage (default: sqlite file OUT/search.db)")
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"run config YAML (default: {DEFAULT_CONFIG})"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/search"), help="output folder (default: runs/search)"
+    )
+    p.set_defaults(func=cmd_search)
+
     p = sub.add_parser("worker", help="take queued network trainings of a study until none is left")
     p.add_argument(
         "--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql://...)"
@@ -326,6 +360,22 @@ def cmd_affinity(args: argparse.Namespace) -> int:
     result = run_affinity(cfg, args.out, args.tasks, registry, workers=args.workers, console=console)
     for method, folder in result.folders.items():
         console.print(f"{method}: {folder}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from taskgroup.config import load_run_config
+    from taskgroup.grouping.search import run_search
+
+    extra = [f"search.methods=[{', '.join(args.method)}]"] if args.method else []
+    extra += [f"search.estimators=[{', '.join(args.estimator)}]"] if args.estimator else []
+    extra += [f"search.budgets=[{', '.join(map(str, args.budget))}]"] if args.budget else []
+    extra += [f"search.max_groups={args.max_groups}"] if args.max_groups else []
+    extra += [f"search.storage={args.storage}"] if args.storage else []
+    cfg = load_run_config(args.config, [*args.overrides, *extra])
+    registry = load_registry(cfg.registry)
+    result = run_search(cfg.search, registry, args.out, args.affinity, args.groups_table, console=console)
+    console.print(f"proposals in {result.out / 'proposals'}, ranking in {result.out / 'ranking.csv'}")
     return 0
 
 

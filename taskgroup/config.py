@@ -315,6 +315,63 @@ class AffinityConfig:
             )
 
 
+SEARCH_METHODS = ("partition", "select", "optuna")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """``taskgroup search``: from affinity (or measured group results) to grouping proposals.
+
+    ``partition``: graph partitions of each affinity matrix (Louvain and greedy modularity over
+    ``resolutions``, Kernighan-Lin, spectral and agglomerative over ``n_groups``). ``select``:
+    network selection (MILP) from a candidate pool (partitions, their merges and splits, the
+    ``pairs`` best pairs and ``triples`` best triples, the clinical groups, all tasks) for each
+    network budget in ``budgets``. ``optuna``: a TPE study over partitions into at most
+    ``max_groups`` groups (``trials`` trials; its best polished by single-task moves) and an
+    NSGA-II study of predicted gain vs networks (``pareto_trials``), on ``storage`` (None: a
+    SQLite file in the output folder).
+
+    The predictor (:class:`taskgroup.grouping.predict.GainPredictor`): ``partners`` shrinks the
+    mean over a group's partners towards 0 by m / (m + partners); ``shrink`` (n0) and
+    ``penalty`` (beta) make it data-scale-aware (0 = off).
+
+    The best proposal of an estimator is the one with the fewest networks whose predicted mean
+    gain is within ``tolerance`` (relative) of the highest predicted by any proposal: overlapping
+    selections and finer partitions always fit the estimate a little better, and compute is the
+    other side of the trade (the knee of the gain/networks front)."""
+
+    methods: tuple[str, ...] = SEARCH_METHODS
+    estimators: tuple[str, ...] = ()  # affinity methods to use (empty: every one found)
+    budgets: tuple[float, ...] = (3.0, 5.0)
+    max_groups: int = 6
+    trials: int = 300
+    pareto_trials: int = 300
+    partners: float = 4.0
+    shrink: float = 0.0
+    penalty: float = 0.0
+    pairs: int = 50
+    triples: int = 50
+    n_groups: tuple[int, ...] = (2, 3, 4, 5, 6)
+    resolutions: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    storage: str | None = None
+    seed: int = 0
+    tolerance: float = 0.05
+    top: int = 12  # rows of the terminal table
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in SEARCH_METHODS]
+        if unknown:
+            raise ValueError(
+                f"unknown search method {unknown[0]!r}; {did_you_mean(unknown[0], SEARCH_METHODS)}"
+            )
+        if self.max_groups < 1 or self.trials < 1 or self.pareto_trials < 1:
+            raise ValueError("max_groups, trials and pareto_trials must be at least 1")
+        if min(self.partners, self.shrink, self.penalty) < 0:
+            raise ValueError("partners, shrink and penalty must be >= 0")
+        if any(b <= 0 for b in self.budgets):
+            raise ValueError(f"budgets must be positive, got {self.budgets}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
@@ -322,6 +379,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     registry: str | None = None  # task registry YAML (default configs/fmuia2026.yaml)
     affinity: AffinityConfig = AffinityConfig()  # only read by ``taskgroup affinity``
+    search: SearchConfig = SearchConfig()  # only read by ``taskgroup search``
 
     def __post_init__(self) -> None:
         if self.model.backbone.img_size != self.data.image_size:

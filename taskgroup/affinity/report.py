@@ -62,14 +62,25 @@ def cluster_order(matrix: np.ndarray) -> list[int]:
 
 
 def plot_heatmap(
-    matrix: np.ndarray, tasks: Sequence[str], registry: TaskRegistry, title: str, path: Path
+    matrix: np.ndarray,
+    tasks: Sequence[str],
+    registry: TaskRegistry,
+    title: str,
+    path: Path,
+    boxes: Sequence[Sequence[str]] | None = None,
 ) -> None:
+    """The matrix ordered by hierarchical clustering, or, given ``boxes`` (disjoint groups of
+    tasks), ordered group by group (clustered inside each) with every group boxed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     order = cluster_order(matrix)
+    if boxes:
+        rank = {k: r for r, k in enumerate(order)}
+        index = {t: k for k, t in enumerate(tasks)}
+        order = [index[t] for g in boxes for t in sorted(g, key=lambda t: rank[index[t]])]
     names = [tasks[k] for k in order]
     shown = matrix[np.ix_(order, order)].astype(float).copy()
     np.fill_diagonal(shown, np.nan)
@@ -94,9 +105,16 @@ def plot_heatmap(
         ax.add_patch(plt.Rectangle((k - 0.5, n - 0.4), 1, 0.5, color=c, clip_on=False))
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette(groups.index(g) % 10)) for g in groups]
     handles += [plt.Rectangle((0, 0), 1, 1, color=palette((kinds.index(c) + 5) % 10)) for c in kinds]
+    start = 0
+    for group in boxes or ():
+        ax.add_patch(
+            plt.Rectangle((start - 0.5, start - 0.5), len(group), len(group), fill=False, lw=1.6, ec="black")
+        )
+        start += len(group)
     ax.legend(handles, groups + kinds, fontsize=6, loc="upper left", bbox_to_anchor=(1.15, 1.0))
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.12, label="effect of source on target")
-    ax.set_title(f"{title} (clustered; diagonal grey; strips: clinical group, task type)", fontsize=8)
+    how = "ordered by proposed group, boxed" if boxes else "clustered"
+    ax.set_title(f"{title} ({how}; diagonal grey; strips: clinical group, task type)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

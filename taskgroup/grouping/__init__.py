@@ -1,14 +1,16 @@
 """Grouping: turn measured affinity or trained-group results into groupings (issue 6).
 
-Imports no torch. ``select``: exact network selection (Standley et al. 2020) by a mixed-integer
+The library modules import no torch (``search``, the command's runner, reads the data's sizes).
+``predict``: predicted gains from affinity (HOA; data-scale-aware). ``select``: exact network selection (Standley et al. 2020) by a mixed-integer
 program and by branch and bound. ``partition``: graph partitioning of the symmetrised affinity
 (networkx Louvain, greedy modularity, Kernighan-Lin; scikit-learn spectral, agglomerative).
+``candidates``: the pool for 27 tasks. ``optimize``: Optuna over partitions (TPE, NSGA-II).
 """
 
 from __future__ import annotations
 
 from taskgroup.grouping.partition import GraphPartitioner, Partition, propose_partitions, symmetrise
-from taskgroup.grouping.predict import higher_order_candidates, predicted_gains
+from taskgroup.grouping.predict import GainPredictor, higher_order_candidates, predicted_gains
 from taskgroup.grouping.select import (
     Candidate,
     NetworkSelector,
@@ -23,6 +25,7 @@ from taskgroup.grouping.select import (
 
 __all__ = [
     "Candidate",
+    "GainPredictor",
     "GraphPartitioner",
     "NetworkSelector",
     "Partition",

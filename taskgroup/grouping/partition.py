@@ -111,6 +111,17 @@ def _best_bisection(graph: nx.Graph, s: np.ndarray, group: list[str], index, see
     return best
 
 
+def bisect(
+    s: np.ndarray, tasks: Sequence[str], group: Sequence[str], seed: int = 0
+) -> tuple[tuple[str, ...], ...]:
+    """The best Kernighan-Lin cut of ``group`` into two (whatever the sign of its weight): how
+    the search splits a proposed group into candidates."""
+    index = {t: k for k, t in enumerate(tasks)}
+    graph = _graph(s, tasks, positive_only=False)
+    _, a, b = _best_bisection(graph, s, list(group), index, seed)
+    return _canonical([a, b], tasks)
+
+
 def kernighan_lin(s: np.ndarray, tasks: Sequence[str], seed: int = 0) -> Partition:
     index = {t: k for k, t in enumerate(tasks)}
     graph = _graph(s, tasks, positive_only=False)

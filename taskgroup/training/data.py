@@ -151,6 +151,12 @@ def prepare_data(
     )
 
 
+def train_sizes(cfg: DataConfig, registry: TaskRegistry, tasks: Sequence[str]) -> tuple[dict[str, int], Path]:
+    """Training examples per task after the validation split (nothing decoded), and the root."""
+    data = prepare_data(dataclasses.replace(cfg, preload=False), registry, tasks)
+    return {t: data.train.size(t) for t in tasks}, data.root
+
+
 def _check_tasks(index: FMUIAIndex, tasks: Sequence[str]) -> None:
     from taskgroup.errors import DataError
 

@@ -1,0 +1,453 @@
+"""``taskgroup search``: grouping proposals from affinity run folders and/or a table of trained
+groups, ranked next to TS, CG and AU by the same predictor (issue 6).
+
+    <out>/proposals/<name>.yaml   each proposal, a grouping ``taskgroup train --grouping`` runs
+    <out>/ranking.csv, .md        method, estimator, groups, networks, cost, predicted gain per
+                                  task and mean (TS, CG and AU scored the same way), ARI to the
+                                  planted groups on the synthetic benchmark
+    <out>/heatmap_<est>.png       the affinity, ordered and boxed by the best proposal
+    <out>/pareto_<est>.png        predicted gain vs networks: the NSGA-II front and every proposal
+    <out>/search.db               the Optuna studies (resumable); <out>/meta.json what was done
+
+Every affinity method folder of a run (``<run>/<method>/matrix.csv``) is one *estimator*; each
+estimator gets its own predictor, partitions, candidate pool, selections and Optuna studies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import adjusted_rand_score
+
+from taskgroup.affinity.report import plot_heatmap, read_matrix
+from taskgroup.config import RunConfig, SearchConfig, from_mapping, load_yaml, to_mapping
+from taskgroup.data.synthetic import planted_labels
+from taskgroup.errors import ConfigError, DataError
+from taskgroup.grouping.candidates import generate_candidates, pool_summary
+from taskgroup.grouping.optimize import local_search, optuna_search
+from taskgroup.grouping.partition import propose_partitions
+from taskgroup.grouping.predict import GainPredictor
+from taskgroup.grouping.select import Candidate, select_milp
+from taskgroup.groupings import Grouping
+from taskgroup.tasks import TaskRegistry
+
+
+@dataclasses.dataclass
+class Proposal:
+    name: str
+    method: str
+    estimator: str
+    groups: tuple[tuple[str, ...], ...]
+    gains: dict[str, float]  # each task's predicted gain in the network that serves it
+    cost: float
+    params: str = ""
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.gains.values())))
+
+    @property
+    def networks(self) -> int:
+        return len(self.groups)
+
+    def served_labels(self, tasks: Sequence[str], predictor: GainPredictor | None = None) -> list[int]:
+        """Group index serving each task (its best network when groups overlap)."""
+        labels = []
+        for t in tasks:
+            homes = [k for k, g in enumerate(self.groups) if t in g]
+            if len(homes) > 1 and predictor is not None:
+                homes.sort(key=lambda k: -predictor.gain(t, self.groups[k]))
+            labels.append(homes[0])
+        return labels
+
+
+@dataclasses.dataclass
+class SearchResult:
+    proposals: list[Proposal]
+    ranking: pd.DataFrame
+    best: dict[str, Proposal]  # estimator -> best proposal (highest predicted mean gain)
+    out: Path
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def read_estimators(runs: Sequence[Path], wanted: Sequence[str] = ()) -> dict[str, pd.DataFrame]:
+    """Every ``<run>/<method>/matrix.csv`` as ``method`` (``<run name>/method`` when several runs
+    are given); ``wanted`` keeps those methods only."""
+    found: dict[str, pd.DataFrame] = {}
+    for run in runs:
+        run = Path(run)
+        if not run.is_dir():
+            raise DataError(f"{run}: no such affinity run folder")
+        folders = sorted(p.parent for p in run.glob("*/matrix.csv"))
+        if not folders:
+            raise DataError(f"{run}: no <method>/matrix.csv inside (is it a `taskgroup affinity` output?)")
+        for folder in folders:
+            if wanted and folder.name not in wanted:
+                continue
+            name = folder.name if len(runs) == 1 else f"{run.name}/{folder.name}"
+            try:
+                found[name] = read_matrix(folder / "matrix.csv")
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+    if not found:
+        raise DataError(f"none of the estimators {', '.join(wanted)} found in {', '.join(map(str, runs))}")
+    return found
+
+
+def read_groups_table(path: Path, registry: TaskRegistry) -> list[Candidate]:
+    """Trained groups with measured per-task scores: CSV, one row per network, column ``tasks``
+    (ids joined by ``+``), optional ``cost``, and one column per task holding that member's
+    score (higher is better, e.g. the relative gain over its single-task network)."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: cannot read the groups table: {exc}") from None
+    if "tasks" not in frame.columns:
+        raise DataError(f"{path}: no 'tasks' column (ids joined by '+')")
+    out = []
+    for row_number, row in enumerate(frame.to_dict("records"), start=2):
+        members = tuple(str(row["tasks"]).split("+"))
+        scores = {}
+        for t in members:
+            if t not in registry:
+                raise DataError(f"{path}, line {row_number}: unknown task {t!r}")
+            value = row.get(t)
+            if value is None or not np.isfinite(float(value)):
+                raise DataError(f"{path}, line {row_number}: no score for member task {t!r}")
+            scores[t] = float(value)
+        cost = float(row.get("cost", 1.0)) if pd.notna(row.get("cost", 1.0)) else 1.0
+        out.append(Candidate(members, scores, cost, "+".join(members)))
+    return out
+
+
+def training_sizes(
+    run_dir: Path, registry: TaskRegistry, tasks: Sequence[str]
+) -> tuple[dict[str, int], bool]:
+    """Training examples per task of the data the affinity run measured on (its config.yaml),
+    and whether that data is the synthetic benchmark (its ``truth.yaml`` names the planted groups)."""
+    from taskgroup.training.data import train_sizes
+
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        raise DataError(f"{config}: missing; the per-task training-set sizes come from the run's data")
+    cfg = from_mapping(RunConfig, load_yaml(config), str(config))
+    sizes, root = train_sizes(cfg.data, registry, tasks)
+    return sizes, (root / "truth.yaml").exists()
+
+
+# -- proposals ------------------------------------------------------------------------------------
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def _proposal(name, method, estimator, groups, predictor, params="") -> Proposal:
+    return Proposal(
+        name,
+        method,
+        estimator,
+        tuple(tuple(g) for g in groups),
+        predictor.served(groups),
+        float(len(groups)),
+        params,
+    )
+
+
+def baselines(predictor: GainPredictor, registry: TaskRegistry, estimator: str) -> list[Proposal]:
+    tasks = list(predictor.tasks)
+    cg = [tuple(t for t in ids if t in tasks) for ids in registry.clinical_groups.values()]
+    cg = [g for g in cg if g]
+    return [
+        _proposal("ts", "ts", estimator, [(t,) for t in tasks], predictor),
+        _proposal("cg", "cg", estimator, cg, predictor),
+        _proposal("au", "au", estimator, [tuple(tasks)], predictor),
+    ]
+
+
+def search_estimator(
+    estimator: str,
+    predictor: GainPredictor,
+    cfg: SearchConfig,
+    registry: TaskRegistry,
+    storage: str,
+    console: Console,
+) -> tuple[list[Proposal], dict[str, Any], list]:
+    tasks = list(predictor.tasks)
+    proposals: list[Proposal] = []
+    info: dict[str, Any] = {}
+    prefix = _safe(estimator)
+    partitions = propose_partitions(predictor.affinity, tasks, cfg.n_groups, cfg.resolutions, cfg.seed)
+    if "partition" in cfg.methods:
+        for p in partitions:
+            params = ",".join(f"{k}={v:g}" for k, v in p.params)
+            name = f"{prefix}-{p.method}" + (f"-{params.replace('=', '')}" if params else "")
+            proposals.append(_proposal(_safe(name), p.method, estimator, p.groups, predictor, params))
+    if "select" in cfg.methods:
+        extra = [ids for ids in registry.clinical_groups.values()] + [tasks]
+        extra = [tuple(t for t in g if t in tasks) for g in extra]
+        pool = generate_candidates(
+            predictor, partitions, cfg.pairs, cfg.triples, [g for g in extra if g], cfg.seed
+        )
+        info["pool"] = {"candidates": len(pool), "by_origin": pool_summary(pool)}
+        for budget in cfg.budgets:
+            start = time.perf_counter()
+            chosen = select_milp(pool, budget, tasks, higher_is_better=True)
+            info.setdefault("select_seconds", {})[f"{budget:g}"] = time.perf_counter() - start
+            if chosen is None:
+                continue
+            groups = chosen.networks(pool)
+            proposals.append(
+                _proposal(
+                    f"{prefix}-select-b{budget:g}",
+                    "select",
+                    estimator,
+                    groups,
+                    predictor,
+                    f"budget={budget:g}",
+                )
+            )
+    pareto: list = []
+    if "optuna" in cfg.methods:
+        start_from = [p.groups for p in partitions]
+        result = optuna_search(
+            predictor, cfg.max_groups, cfg.trials, storage, f"{prefix}-gain", False, cfg.seed, start_from
+        )
+        polished, _ = local_search(predictor, result.best, cfg.max_groups)
+        k = f"max_groups={cfg.max_groups}"
+        proposals.append(_proposal(f"{prefix}-optuna", "optuna", estimator, result.best, predictor, k))
+        proposals.append(
+            _proposal(f"{prefix}-optuna-local", "optuna+local", estimator, polished, predictor, k)
+        )
+        front = optuna_search(
+            predictor,
+            cfg.max_groups,
+            cfg.pareto_trials,
+            storage,
+            f"{prefix}-pareto",
+            True,
+            cfg.seed,
+            start_from,
+        )
+        pareto = front.pareto
+        for _value, networks, groups in pareto:
+            proposals.append(
+                _proposal(
+                    f"{prefix}-pareto-n{networks}",
+                    "nsga2",
+                    estimator,
+                    groups,
+                    predictor,
+                    f"networks={networks}",
+                )
+            )
+        info["optuna"] = {
+            "trials": result.trials,
+            "distinct_partitions": result.distinct,
+            "pareto_trials": front.trials,
+            "pareto_front": [(v, n) for v, n, _ in pareto],
+        }
+    return proposals, info, pareto
+
+
+def best_proposals(proposals: Sequence[Proposal], tolerance: float) -> dict[str, Proposal]:
+    """Per estimator: the fewest networks within ``tolerance`` of the highest predicted mean gain
+    (highest gain among those); TS, CG and AU are references, never chosen."""
+    best: dict[str, Proposal] = {}
+    for estimator in dict.fromkeys(p.estimator for p in proposals):
+        mine = [p for p in proposals if p.estimator == estimator and p.method not in ("ts", "cg", "au")]
+        if not mine:
+            continue
+        top = max(p.mean for p in mine)
+        near = [p for p in mine if p.mean >= top - tolerance * abs(top)]
+        best[estimator] = min(near, key=lambda p: (p.networks, -p.mean))
+    return best
+
+
+def ranking_frame(
+    proposals: Sequence[Proposal],
+    tasks: Sequence[str],
+    truth: Sequence[int] | None,
+    predictors: Mapping[str, GainPredictor],
+) -> pd.DataFrame:
+    rows = []
+    for p in proposals:
+        row: dict[str, Any] = {
+            "estimator": p.estimator,
+            "method": p.method,
+            "name": p.name,
+            "params": p.params,
+            "networks": p.networks,
+            "cost": p.cost,
+            "mean_gain": p.mean,
+        }
+        if truth is not None:
+            row["ari"] = adjusted_rand_score(truth, p.served_labels(tasks, predictors[p.estimator]))
+        row["groups"] = " | ".join("+".join(g) for g in p.groups)
+        row.update({f"gain:{t}": p.gains[t] for t in tasks})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["estimator", "mean_gain"], ascending=[True, False], kind="stable").reset_index(
+        drop=True
+    )
+
+
+def plot_pareto(proposals: Sequence[Proposal], pareto, estimator: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if pareto:
+        ax.step(
+            [n for _, n, _ in pareto],
+            [v for v, _, _ in pareto],
+            where="post",
+            color="black",
+            label="NSGA-II Pareto front",
+        )
+    for method in sorted({p.method for p in proposals}):
+        mine = [p for p in proposals if p.method == method]
+        ax.scatter([p.networks for p in mine], [p.mean for p in mine], label=method, s=18)
+    ax.set_xlabel("networks (compute)")
+    ax.set_ylabel("predicted mean gain")
+    ax.set_title(f"{estimator}: predicted gain vs compute", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_ranking(console: Console, ranking: pd.DataFrame, top: int) -> None:
+    table = Table(title="taskgroup search: top proposals per estimator (predicted mean gain)")
+    columns = ["estimator", "method", "name", "networks", "mean_gain"] + (["ari"] if "ari" in ranking else [])
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("estimator", "method", "name") else "right")
+    for _, part in ranking.groupby("estimator", sort=True):
+        shown = pd.concat([part.head(top), part[part.method.isin(["ts", "cg", "au"])]]).drop_duplicates(
+            "name"
+        )
+        for _, row in shown.iterrows():
+            table.add_row(*[f"{row[c]:+.4f}" if c in ("mean_gain", "ari") else str(row[c]) for c in columns])
+        table.add_section()
+    console.print(table)
+
+
+def run_search(
+    cfg: SearchConfig,
+    registry: TaskRegistry,
+    out: Path,
+    affinity_runs: Sequence[Path] = (),
+    groups_table: Path | None = None,
+    console: Console | None = None,
+) -> SearchResult:
+    console = console or Console()
+    out = Path(out)
+    if not affinity_runs and groups_table is None:
+        raise ConfigError(
+            "taskgroup search needs affinity run folders and/or a groups table (--groups-table)"
+        )
+    (out / "proposals").mkdir(parents=True, exist_ok=True)
+    storage = cfg.storage or f"sqlite:///{(out / 'search.db').resolve()}"
+    proposals: list[Proposal] = []
+    predictors: dict[str, GainPredictor] = {}
+    meta: dict[str, Any] = {"config": to_mapping(cfg), "estimators": {}, "storage": storage}
+    tasks: list[str] = []
+    synthetic = False
+    paretos = {}
+    start = time.perf_counter()
+    if affinity_runs:
+        matrices = read_estimators(list(affinity_runs), cfg.estimators)
+        tasks = list(next(iter(matrices.values())).index)
+        for name, frame in matrices.items():
+            unknown = [t for t in frame.index if t not in registry]
+            if unknown:
+                raise DataError(f"estimator {name}: unknown task {unknown[0]!r} in its matrix")
+            if list(frame.index) != tasks:
+                raise DataError(
+                    f"estimator {name}: its matrix covers other tasks than {next(iter(matrices))}'s"
+                )
+        sizes, synthetic = training_sizes(Path(affinity_runs[0]), registry, tasks)
+        meta["train_sizes"] = sizes
+        for name, frame in matrices.items():
+            t0 = time.perf_counter()
+            predictor = GainPredictor(frame.to_numpy(), tasks, sizes, cfg.partners, cfg.shrink, cfg.penalty)
+            predictors[name] = predictor
+            found, info, pareto = search_estimator(name, predictor, cfg, registry, storage, console)
+            proposals += baselines(predictor, registry, name) + found
+            paretos[name] = pareto
+            meta["estimators"][name] = {**info, "seconds": time.perf_counter() - t0}
+    if groups_table is not None:
+        pool = read_groups_table(Path(groups_table), registry)
+        table_tasks = list(dict.fromkeys(t for c in pool for t in c.tasks))
+        tasks = tasks or table_tasks
+        for budget in cfg.budgets:
+            chosen = select_milp(pool, budget, table_tasks, higher_is_better=True)
+            if chosen is None:
+                continue
+            gains = {t: float(pool[c].scores[t]) for t, c in chosen.served.items()}
+            proposals.append(
+                Proposal(
+                    f"table-select-b{budget:g}",
+                    "select",
+                    "table",
+                    tuple(chosen.networks(pool)),
+                    gains,
+                    chosen.cost,
+                    f"budget={budget:g}",
+                )
+            )
+    truth = planted_labels(tasks) if synthetic else None
+    ranking = ranking_frame([p for p in proposals if set(p.gains) == set(tasks)], tasks, truth, predictors)
+    ranking.to_csv(out / "ranking.csv", index=False)
+    (out / "ranking.md").write_text(
+        ranking.drop(columns=[c for c in ranking.columns if c.startswith("gain:")]).to_markdown(
+            index=False, floatfmt="+.4f"
+        )
+    )
+    best = best_proposals(proposals, cfg.tolerance)
+    for p in proposals:
+        if p.method in ("ts", "cg", "au"):
+            continue
+        grouping = Grouping(p.name, {f"g{k + 1}": g for k, g in enumerate(p.groups)})
+        text = f"# taskgroup search: {p.method} on {p.estimator} ({p.params or 'defaults'}); predicted mean gain {p.mean:+.4f}\n"
+        (out / "proposals" / f"{p.name}.yaml").write_text(text + grouping.to_yaml())
+    for estimator, predictor in predictors.items():
+        mine = [p for p in proposals if p.estimator == estimator]
+        disjoint = best.get(estimator)
+        boxes = (
+            disjoint.groups
+            if disjoint
+            and len({t for g in disjoint.groups for t in g}) == sum(len(g) for g in disjoint.groups)
+            else None
+        )
+        plot_heatmap(
+            predictor.affinity,
+            tasks,
+            registry,
+            f"{estimator}: best proposal boxed",
+            out / f"heatmap_{_safe(estimator)}.png",
+            boxes=boxes,
+        )
+        plot_pareto(mine, paretos.get(estimator), estimator, out / f"pareto_{_safe(estimator)}.png")
+    meta["best"] = {e: {"name": p.name, "mean_gain": p.mean, "networks": p.networks} for e, p in best.items()}
+    if truth is not None:
+        meta["best_ari"] = {
+            e: float(ranking.loc[ranking.name == p.name, "ari"].iloc[0]) for e, p in best.items()
+        }
+    meta["seconds"] = time.perf_counter() - start
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    print_ranking(console, ranking, cfg.top)
+    if truth is not None:
+        for e, a in meta["best_ari"].items():
+            console.print(f"{e}: best proposal {best[e].name}: ARI to the planted groups {a:+.3f}")
+    return SearchResult(proposals, ranking, best, out)
