@@ -235,7 +235,7 @@ def search_estimator(
             f"{prefix}-pareto",
             True,
             cfg.seed,
-            start_from,
+            [*start_from, result.best, polished],  # NSGA-II starts from what TPE and the moves found too
         )
         pareto = front.pareto
         for _value, networks, groups in pareto:
@@ -423,18 +423,15 @@ def run_search(
         (out / "proposals" / f"{p.name}.yaml").write_text(text + grouping.to_yaml())
     for estimator, predictor in predictors.items():
         mine = [p for p in proposals if p.estimator == estimator]
-        disjoint = best.get(estimator)
-        boxes = (
-            disjoint.groups
-            if disjoint
-            and len({t for g in disjoint.groups for t in g}) == sum(len(g) for g in disjoint.groups)
-            else None
-        )
+        # the best proposal boxed; when it overlaps (a selection), the best partition
+        partitions = [p for p in mine if len({t for g in p.groups for t in g}) == sum(map(len, p.groups))]
+        boxed = best_proposals(partitions, cfg.tolerance).get(estimator)
+        boxes = boxed.groups if boxed else None
         plot_heatmap(
             predictor.affinity,
             tasks,
             registry,
-            f"{estimator}: best proposal boxed",
+            f"{estimator}: {boxed.name if boxed else 'no partition'} boxed",
             out / f"heatmap_{_safe(estimator)}.png",
             boxes=boxes,
         )
