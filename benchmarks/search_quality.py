@@ -12,7 +12,8 @@ With ``--pairwise``: the data-scale check. Trained pairwise transfer (the relati
 target j trained with i over j alone) is the reference; each cheap estimator predicts the gain
 of j in the pair {i, j} by the predictor with the data-scale terms off, with shrinkage
 (n0 = the median training-set size), with the negative-transfer penalty (beta = 1) and with
-both; the Spearman correlation of each with the trained gains over all ordered pairs says
+both; the Spearman correlation of each with the trained gains over all ordered pairs (the cheap
+estimators are the other runs given; pairs whose trained gain is undefined are left out) says
 whether the terms bring the prediction closer to trained transfer. Also printed: the Spearman
 correlation of each target's mean trained gain with its training-set size.
 """
@@ -87,8 +88,10 @@ def data_scale(pairwise_run: Path, cheap_runs, registry) -> list[dict]:
     p = trained.to_numpy()
     off = ~np.eye(len(tasks), dtype=bool)
     rows = []
-    incoming = np.nanmean(np.where(off, p, np.nan), axis=0)
-    rho_size = spearmanr(incoming, [sizes[t] for t in tasks]).statistic
+    # a target whose single-task network scored 0 has no relative gain (NaN column): left out
+    measured = [j for j in range(len(tasks)) if np.isfinite(p[off[:, j], j]).any()]
+    incoming = [np.nanmean(p[off[:, j], j]) for j in measured]
+    rho_size = spearmanr(incoming, [sizes[tasks[j]] for j in measured]).statistic
     rows.append(
         {"estimator": "pairwise (trained)", "variant": "mean gain vs size", "spearman": round(rho_size, 3)}
     )
@@ -135,7 +138,8 @@ def main() -> None:
     rows = recovery(args.runs, cfg, registry)
     report("search: ARI to the planted groups per estimator and method", rows, args.json)
     if args.pairwise is not None:
-        scale = data_scale(args.pairwise, args.runs, registry)
+        cheap = [r for r in args.runs if r.resolve() != args.pairwise.resolve()]
+        scale = data_scale(args.pairwise, cheap, registry)
         report(
             "data scale: Spearman of predicted pair gains with trained pairwise gains",
             scale,
