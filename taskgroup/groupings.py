@@ -18,6 +18,8 @@ from taskgroup.config import load_yaml
 from taskgroup.errors import ConfigError, did_you_mean
 from taskgroup.tasks import TaskRegistry
 
+BUILTIN = ("ts", "cg", "au")
+
 
 @dataclasses.dataclass(frozen=True)
 class Grouping:
@@ -45,12 +47,12 @@ def builtin_grouping(name: str, registry: TaskRegistry) -> Grouping:
         return Grouping("cg", {g: ids for g, ids in registry.clinical_groups.items()})
     if name == "au":
         return Grouping("au", {"all": registry.ids})
-    raise ConfigError(f"unknown built-in grouping {name!r}; {did_you_mean(name, ['ts', 'cg', 'au'])}")
+    raise ConfigError(f"unknown built-in grouping {name!r}; {did_you_mean(name, BUILTIN)}")
 
 
 def load_grouping(spec: str | Path, registry: TaskRegistry) -> Grouping:
     """``ts``, ``cg``, ``au`` or a grouping YAML file; every task must be in the registry."""
-    if str(spec) in ("ts", "cg", "au"):
+    if str(spec) in BUILTIN:
         return builtin_grouping(str(spec), registry)
     path = Path(spec)
     data = load_yaml(path)

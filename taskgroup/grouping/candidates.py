@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
-import numpy as np
-
 from taskgroup.grouping.partition import Partition, bisect, symmetrise
 from taskgroup.grouping.predict import GainPredictor
 from taskgroup.grouping.select import Candidate
@@ -87,18 +85,15 @@ def generate_candidates(
     out = []
     for key, origin in groups.items():
         members = tuple(sorted(key, key=order.__getitem__))
-        out.append(Candidate(members, predictor.gains(members), 1.0, f"{origin}:{'+'.join(members)}"))
+        out.append(predictor.candidate(members, 1.0, f"{origin}:{'+'.join(members)}"))
     return out
 
 
 def pool_summary(pool: Sequence[Candidate]) -> dict[str, int]:
-    """How many candidates of each origin (for the run's meta)."""
+    """How many candidates of each origin (for the run's meta): a name is ``origin:members``
+    and task ids hold no ``:``."""
     out: dict[str, int] = {}
     for c in pool:
-        origin = c.name.split(":")[0] if ":" not in c.name.split("+")[0] else c.name.rsplit(":", 1)[0]
+        origin = c.name.rsplit(":", 1)[0]
         out[origin] = out.get(origin, 0) + 1
     return dict(sorted(out.items(), key=lambda x: -x[1]))
-
-
-def mean_size(pool: Sequence[Candidate]) -> float:
-    return float(np.mean([len(c.tasks) for c in pool])) if pool else 0.0

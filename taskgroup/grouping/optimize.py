@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import optuna
 
+from taskgroup.grouping.partition import canonical_groups
 from taskgroup.grouping.predict import GainPredictor
 
 log = logging.getLogger("taskgroup")
@@ -64,16 +65,15 @@ class OptunaResult:
 
 
 def _objective(predictor: GainPredictor, tasks: Sequence[str], max_groups: int, multi: bool):
-    cache: dict[tuple, float] = {}
+    cache: dict[tuple, float] = {}  # decoded (canonical) partition -> predicted gain
 
     def objective(trial: optuna.Trial):
         labels = [trial.suggest_int(f"g{k}", 0, min(k, max_groups - 1)) for k in range(len(tasks))]
         groups = decode(labels, tasks)
-        key = tuple(canonical_labels(labels))
-        if key not in cache:
-            cache[key] = predictor.total(groups)
+        if groups not in cache:
+            cache[groups] = predictor.total(groups)
         trial.set_user_attr("groups", [list(g) for g in groups])
-        value = cache[key]
+        value = cache[groups]
         return (value, len(groups)) if multi else value
 
     return objective
@@ -125,9 +125,7 @@ def optuna_search(
     pareto = sorted(
         {(float(t.values[0]), len(groups_of(t)), groups_of(t)) for t in front}, key=lambda x: (x[1], -x[0])
     )
-    distinct = len(
-        {tuple(canonical_labels([t.params[f"g{k}"] for k in range(len(tasks))])) for t in complete}
-    )
+    distinct = len({groups_of(t) for t in complete})
     return OptunaResult(groups_of(best_trial), float(best_trial.values[0]), pareto, len(complete), distinct)
 
 
@@ -153,7 +151,5 @@ def local_search(predictor: GainPredictor, groups: Sequence[Sequence[str]], max_
                     if v > value + 1e-12 and (best is None or v > best[0]):
                         best = (v, trial)
         if best is None:
-            order = {t: k for k, t in enumerate(predictor.tasks)}
-            out = [tuple(sorted(g, key=order.__getitem__)) for g in current]
-            return tuple(sorted(out, key=lambda g: order[g[0]])), value
+            return canonical_groups(current, predictor.tasks), value
         value, current = best

@@ -65,7 +65,8 @@ def _graph(s: np.ndarray, tasks: Sequence[str], positive_only: bool) -> nx.Graph
     return graph
 
 
-def _canonical(groups, tasks: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+def canonical_groups(groups, tasks: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """Non-empty groups, members in task order, groups in the order of their first member."""
     order = {t: k for k, t in enumerate(tasks)}
     sorted_groups = [tuple(sorted(g, key=order.__getitem__)) for g in groups if len(g)]
     return tuple(sorted(sorted_groups, key=lambda g: order[g[0]]))
@@ -75,14 +76,14 @@ def _from_labels(labels: Sequence[int], tasks: Sequence[str]) -> tuple[tuple[str
     groups: dict[int, list[str]] = {}
     for t, lab in zip(tasks, labels, strict=True):
         groups.setdefault(int(lab), []).append(t)
-    return _canonical(groups.values(), tasks)
+    return canonical_groups(groups.values(), tasks)
 
 
 def louvain(s: np.ndarray, tasks: Sequence[str], resolution: float = 1.0, seed: int = 0) -> Partition:
     groups = nx.community.louvain_communities(
         _graph(s, tasks, positive_only=True), weight="weight", resolution=resolution, seed=seed
     )
-    return Partition("louvain", _canonical(groups, tasks), (("resolution", resolution),))
+    return Partition("louvain", canonical_groups(groups, tasks), (("resolution", resolution),))
 
 
 def greedy_modularity(s: np.ndarray, tasks: Sequence[str], resolution: float = 1.0) -> Partition:
@@ -91,7 +92,7 @@ def greedy_modularity(s: np.ndarray, tasks: Sequence[str], resolution: float = 1
         groups = [[t] for t in tasks]
     else:
         groups = nx.community.greedy_modularity_communities(graph, weight="weight", resolution=resolution)
-    return Partition("greedy_modularity", _canonical(groups, tasks), (("resolution", resolution),))
+    return Partition("greedy_modularity", canonical_groups(groups, tasks), (("resolution", resolution),))
 
 
 def _best_bisection(graph: nx.Graph, s: np.ndarray, group: list[str], index, seed: int):
@@ -119,7 +120,7 @@ def bisect(
     index = {t: k for k, t in enumerate(tasks)}
     graph = _graph(s, tasks, positive_only=False)
     _, a, b = _best_bisection(graph, s, list(group), index, seed)
-    return _canonical([a, b], tasks)
+    return canonical_groups([a, b], tasks)
 
 
 def kernighan_lin(s: np.ndarray, tasks: Sequence[str], seed: int = 0) -> Partition:
@@ -136,7 +137,7 @@ def kernighan_lin(s: np.ndarray, tasks: Sequence[str], seed: int = 0) -> Partiti
             todo += [sorted(a, key=index.__getitem__), sorted(b, key=index.__getitem__)]
         else:
             done.append(group)
-    return Partition("kernighan_lin", _canonical(done, tasks))
+    return Partition("kernighan_lin", canonical_groups(done, tasks))
 
 
 def spectral(s: np.ndarray, tasks: Sequence[str], n_groups: int, seed: int = 0) -> Partition:

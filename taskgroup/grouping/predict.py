@@ -94,13 +94,6 @@ class GainPredictor:
     def scale_aware(self) -> bool:
         return bool(self.shrink or self.penalty)
 
-    def raw(self, task: str, group: Sequence[str]) -> float:
-        """Mean incoming affinity from the partners (NaN entries skipped; 0 alone)."""
-        k = self.index[task]
-        incoming = [self.affinity[self.index[u], k] for u in group if u != task]
-        incoming = [v for v in incoming if np.isfinite(v)]
-        return float(np.mean(incoming)) if incoming else 0.0
-
     def _adjust(self, values: np.ndarray, members: Sequence[str], partners: int) -> np.ndarray:
         """The partner shrinkage and the data-scale terms (module doc) on raw mean gains."""
         if self.partners and partners > 0:
@@ -115,6 +108,8 @@ class GainPredictor:
         return values
 
     def gains(self, group: Sequence[str]) -> dict[str, float]:
+        """Each member's mean incoming affinity from its partners (NaN entries skipped; 0
+        alone), then adjusted (:meth:`_adjust`)."""
         unknown = [t for t in group if t not in self.index]
         if unknown:
             raise ValueError(f"task(s) {', '.join(unknown)} not in the affinity matrix")

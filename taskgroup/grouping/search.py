@@ -38,8 +38,10 @@ from taskgroup.grouping.optimize import local_search, optuna_search
 from taskgroup.grouping.partition import propose_partitions
 from taskgroup.grouping.predict import GainPredictor
 from taskgroup.grouping.select import Candidate, select_milp
-from taskgroup.groupings import Grouping
+from taskgroup.groupings import BUILTIN, Grouping
 from taskgroup.tasks import TaskRegistry
+
+REFERENCES = BUILTIN  # TS, CG and AU: scored by the same predictor, never proposed
 
 
 @dataclasses.dataclass
@@ -59,6 +61,11 @@ class Proposal:
     @property
     def networks(self) -> int:
         return len(self.groups)
+
+    @property
+    def is_partition(self) -> bool:
+        """No task in two networks (a selection may overlap)."""
+        return len({t for g in self.groups for t in g}) == sum(map(len, self.groups))
 
     def served_labels(self, tasks: Sequence[str], predictor: GainPredictor | None = None) -> list[int]:
         """Group index serving each task (its best network when groups overlap)."""
@@ -179,7 +186,6 @@ def search_estimator(
     cfg: SearchConfig,
     registry: TaskRegistry,
     storage: str,
-    console: Console,
 ) -> tuple[list[Proposal], dict[str, Any], list]:
     tasks = list(predictor.tasks)
     proposals: list[Proposal] = []
@@ -263,7 +269,7 @@ def best_proposals(proposals: Sequence[Proposal], tolerance: float) -> dict[str,
     (highest gain among those); TS, CG and AU are references, never chosen."""
     best: dict[str, Proposal] = {}
     for estimator in dict.fromkeys(p.estimator for p in proposals):
-        mine = [p for p in proposals if p.estimator == estimator and p.method not in ("ts", "cg", "au")]
+        mine = [p for p in proposals if p.estimator == estimator and p.method not in REFERENCES]
         if not mine:
             continue
         top = max(p.mean for p in mine)
@@ -333,9 +339,7 @@ def print_ranking(console: Console, ranking: pd.DataFrame, top: int) -> None:
     for c in columns:
         table.add_column(c, justify="left" if c in ("estimator", "method", "name") else "right")
     for _, part in ranking.groupby("estimator", sort=True):
-        shown = pd.concat([part.head(top), part[part.method.isin(["ts", "cg", "au"])]]).drop_duplicates(
-            "name"
-        )
+        shown = pd.concat([part.head(top), part[part.method.isin(REFERENCES)]]).drop_duplicates("name")
         for _, row in shown.iterrows():
             table.add_row(*[f"{row[c]:+.4f}" if c in ("mean_gain", "ari") else str(row[c]) for c in columns])
         table.add_section()
@@ -382,7 +386,7 @@ def run_search(
             t0 = time.perf_counter()
             predictor = GainPredictor(frame.to_numpy(), tasks, sizes, cfg.partners, cfg.shrink, cfg.penalty)
             predictors[name] = predictor
-            found, info, pareto = search_estimator(name, predictor, cfg, registry, storage, console)
+            found, info, pareto = search_estimator(name, predictor, cfg, registry, storage)
             proposals += baselines(predictor, registry, name) + found
             paretos[name] = pareto
             meta["estimators"][name] = {**info, "seconds": time.perf_counter() - t0}
@@ -416,7 +420,7 @@ def run_search(
     )
     best = best_proposals(proposals, cfg.tolerance)
     for p in proposals:
-        if p.method in ("ts", "cg", "au"):
+        if p.method in REFERENCES:
             continue
         grouping = Grouping(p.name, {f"g{k + 1}": g for k, g in enumerate(p.groups)})
         text = f"# taskgroup search: {p.method} on {p.estimator} ({p.params or 'defaults'}); predicted mean gain {p.mean:+.4f}\n"
@@ -424,8 +428,7 @@ def run_search(
     for estimator, predictor in predictors.items():
         mine = [p for p in proposals if p.estimator == estimator]
         # the best proposal boxed; when it overlaps (a selection), the best partition
-        partitions = [p for p in mine if len({t for g in p.groups for t in g}) == sum(map(len, p.groups))]
-        boxed = best_proposals(partitions, cfg.tolerance).get(estimator)
+        boxed = best_proposals([p for p in mine if p.is_partition], cfg.tolerance).get(estimator)
         boxes = boxed.groups if boxed else None
         plot_heatmap(
             predictor.affinity,
