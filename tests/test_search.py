@@ -118,9 +118,20 @@ def _affinity_run(tmp_path, tiny_synth, registry, noise: float) -> tuple:
 def test_search_end_to_end(tmp_path, tiny_synth, registry):
     run, tasks, truth = _affinity_run(tmp_path, tiny_synth, registry, noise=0.8)
     cfg = load_run_config(TINY_CONFIG, ["search.trials=40", "search.pareto_trials=40"]).search
-    result = run_search(cfg, registry, tmp_path / "search", [run])
+    # beside the affinity, a table of trained groups over the same tasks: every task alone
+    # (score 0) and the planted groups, where each member gained 0.1
+    table = [{"tasks": t, t: 0.0} for t in tasks]
+    table += [
+        {"tasks": "+".join(g), **dict.fromkeys(g, 0.1)}
+        for g in ([t for t, lab in zip(tasks, truth, strict=True) if lab == k] for k in range(3))
+    ]
+    pd.DataFrame(table).to_csv(tmp_path / "groups.csv", index=False)
+    result = run_search(cfg, registry, tmp_path / "search", [run], tmp_path / "groups.csv")
     ranking = pd.read_csv(tmp_path / "search" / "ranking.csv")
     assert {"ts", "cg", "au", "louvain", "select", "optuna+local", "nsga2"} <= set(ranking.method)
+    measured = ranking[ranking.estimator == "table"].set_index("name")
+    assert measured.loc["table-select-b3", "ari"] == 1.0
+    assert measured.loc["table-select-b3", "mean_gain"] == pytest.approx(0.1)
     best = result.best["gradient"]
     assert adjusted_rand_score(truth, best.served_labels(tasks)) >= 0.9
     meta = json.loads((tmp_path / "search" / "meta.json").read_text())
@@ -128,7 +139,7 @@ def test_search_end_to_end(tmp_path, tiny_synth, registry):
     assert ranking.loc[ranking.method == "ts", "mean_gain"].item() == 0.0
     # every proposal is a grouping `taskgroup train --grouping FILE` accepts, covering every task
     files = sorted((tmp_path / "search" / "proposals").glob("*.yaml"))
-    assert len(files) == len(ranking) - 3
+    assert len(files) == len(ranking) - 3  # every proposal but TS, CG and AU
     for f in files:
         assert set(load_grouping(f, registry).tasks) == set(tasks)
     for png in ("heatmap_gradient.png", "pareto_gradient.png"):

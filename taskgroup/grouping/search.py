@@ -296,7 +296,8 @@ def ranking_frame(
             "mean_gain": p.mean,
         }
         if truth is not None:
-            row["ari"] = adjusted_rand_score(truth, p.served_labels(tasks, predictors[p.estimator]))
+            # a measured proposal (groups table) has no predictor: each task's first network
+            row["ari"] = adjusted_rand_score(truth, p.served_labels(tasks, predictors.get(p.estimator)))
         row["groups"] = " | ".join("+".join(g) for g in p.groups)
         row.update({f"gain:{t}": p.gains[t] for t in tasks})
         rows.append(row)
@@ -411,14 +412,16 @@ def run_search(
                 )
             )
     truth = planted_labels(tasks) if synthetic else None
-    ranking = ranking_frame([p for p in proposals if set(p.gains) == set(tasks)], tasks, truth, predictors)
+    # a groups table over other tasks than the affinity is selected but not ranked beside it
+    ranked = [p for p in proposals if set(p.gains) == set(tasks)]
+    ranking = ranking_frame(ranked, tasks, truth, predictors)
     ranking.to_csv(out / "ranking.csv", index=False)
     (out / "ranking.md").write_text(
         ranking.drop(columns=[c for c in ranking.columns if c.startswith("gain:")]).to_markdown(
             index=False, floatfmt="+.4f"
         )
     )
-    best = best_proposals(proposals, cfg.tolerance)
+    best = best_proposals(ranked, cfg.tolerance)
     for p in proposals:
         if p.method in REFERENCES:
             continue
