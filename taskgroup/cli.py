@@ -5,12 +5,15 @@ taskgroup synth     --out DIR [--scale S] [--seed N]   write the synthetic bench
 taskgroup evaluate  --gt ROOT --pred DIR               score predictions, official metrics
 taskgroup train     [--grouping G] --out RUN           train a grouping's networks
 taskgroup affinity  [--method M ...] [--out DIR]       27x27 inter-task affinity matrices
+taskgroup search    RUN ... [--method M ...]           grouping proposals from affinity
+taskgroup compare   --groupings G ... [--seeds N]      train groupings, compare against TS
 taskgroup worker    --storage URL --study NAME         take queued network trainings
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -178,11 +181,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser(
+        "compare",
+        help="train every network of several groupings (once) and compare every task against TS",
+    )
+    p.add_argument(
+        "--groupings",
+        nargs="+",
+        default=None,
+        metavar="G",
+        help="ts, cg, au and/or grouping YAML files, e.g. proposals/*.yaml (default: the config's "
+        "compare.groupings, ts cg au); TS is always added as the reference",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds per network (default: compare.seeds, 3)")
+    p.add_argument(
+        "--data", type=Path, default=None, help="FM_UIA root (default: the embedded synthetic benchmark)"
+    )
+    p.add_argument(
+        "--tasks", nargs="+", default=None, help="compare on these tasks only (default: the groupings')"
+    )
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"run config YAML (default: {DEFAULT_CONFIG})"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna RDB storage of the network jobs (default: sqlite file CACHE/jobs.db; a "
+        "postgresql:// URL for many machines)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="folder of trained networks shared by compare runs (default: the output folder)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)"
+    )
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("worker", help="take queued network trainings of a study until none is left")
     p.add_argument(
         "--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql://...)"
     )
-    p.add_argument("--study", required=True, help="study name (affinity runs use 'affinity')")
+    p.add_argument(
+        "--study", required=True, help="study name (affinity runs use 'affinity'; compare prints its own)"
+    )
     p.add_argument("--heartbeat", type=int, default=10, help="seconds between heartbeats")
     p.add_argument("--grace", type=int, default=60, help="seconds without heartbeat before a job is retaken")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of this worker")
@@ -318,6 +364,17 @@ def _run_config(args: argparse.Namespace, *extra: str):
     return load_run_config(args.config, [*args.overrides, *data, *extra])
 
 
+def _check_tasks(tasks: Sequence[str] | None, registry) -> None:
+    unknown = [t for t in tasks or () if t not in registry.ids]
+    if unknown:
+        raise TaskgroupError(f"--tasks: unknown task {unknown[0]!r} (see `taskgroup tasks`)")
+
+
+def _set(key: str, value) -> str:
+    """A ``--set`` override whose value is quoted (JSON is YAML): paths and URLs stay strings."""
+    return f"{key}={json.dumps(value)}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from taskgroup.groupings import load_grouping
     from taskgroup.training import train_grouping
@@ -353,10 +410,7 @@ def cmd_affinity(args: argparse.Namespace) -> int:
     extra += [f"affinity.storage={args.storage}"] if args.storage else []
     cfg = _run_config(args, *extra)
     registry = load_registry(cfg.registry)
-    if args.tasks:
-        unknown = [t for t in args.tasks if t not in registry.ids]
-        if unknown:
-            raise TaskgroupError(f"--tasks: unknown task {unknown[0]!r} (see `taskgroup tasks`)")
+    _check_tasks(args.tasks, registry)
     result = run_affinity(cfg, args.out, args.tasks, registry, workers=args.workers, console=console)
     for method, folder in result.folders.items():
         console.print(f"{method}: {folder}")
@@ -376,6 +430,23 @@ def cmd_search(args: argparse.Namespace) -> int:
     registry = load_registry(cfg.registry)
     result = run_search(cfg.search, registry, args.out, args.affinity, args.groups_table, console=console)
     console.print(f"proposals in {result.out / 'proposals'}, ranking in {result.out / 'ranking.csv'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from taskgroup.compare import run_compare
+
+    extra = [_set("compare.groupings", [str(g) for g in args.groupings])] if args.groupings else []
+    extra += [_set("compare.seeds", args.seeds)] if args.seeds else []
+    extra += [_set("compare.storage", args.storage)] if args.storage else []
+    extra += [_set("compare.cache", str(args.cache))] if args.cache else []
+    cfg = _run_config(args, *extra)
+    registry = load_registry(cfg.registry)
+    _check_tasks(args.tasks, registry)
+    result = run_compare(cfg, args.out, registry, args.tasks, workers=args.workers, console=console)
+    console.print(
+        f"report in {result.out / 'report.md'} ({len(result.jobs)} networks, {result.trained_here} trained here)"
+    )
     return 0
 
 

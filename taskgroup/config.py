@@ -373,6 +373,35 @@ class SearchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """``taskgroup compare``: which groupings, how many seeds, how tasks are scored.
+
+    ``groupings``: ``ts``, ``cg``, ``au`` or grouping YAML files; ``seeds`` seeds per network
+    (``train.seed``, ``train.seed + 1``, ...); ``select``: score every task at its network's
+    ``final`` evaluation (default: every network is judged after the same per-task budget) or at
+    its ``best`` validation step (optimistic, and more so for networks evaluated more often).
+    Networks are jobs of an Optuna study on ``storage`` (None: a SQLite file in ``cache``) in the
+    folder ``cache`` (None: the output folder); a network with the same task set, config and
+    seed is trained once for every grouping and every compare run that shares the cache.
+    ``confidence``: level of the intervals over seeds."""
+
+    groupings: tuple[str, ...] = ("ts", "cg", "au")
+    seeds: int = 3
+    select: Literal["final", "best"] = "final"
+    storage: str | None = None
+    cache: str | None = None
+    confidence: float = 0.95
+    heartbeat: int = 10
+    grace: int = 60
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -380,6 +409,7 @@ class RunConfig:
     registry: str | None = None  # task registry YAML (default configs/fmuia2026.yaml)
     affinity: AffinityConfig = AffinityConfig()  # only read by ``taskgroup affinity``
     search: SearchConfig = SearchConfig()  # only read by ``taskgroup search``
+    compare: CompareConfig = CompareConfig()  # only read by ``taskgroup compare``
 
     def __post_init__(self) -> None:
         if self.model.backbone.img_size != self.data.image_size:

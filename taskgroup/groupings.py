@@ -10,6 +10,7 @@ TAG). Built in: ``ts`` (one network per task), ``cg`` (the registry's clinical g
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -33,6 +34,12 @@ class Grouping:
 
     def networks_of(self, task: str) -> tuple[str, ...]:
         return tuple(g for g, ids in self.groups.items() if task in ids)
+
+    def restrict(self, tasks: Sequence[str]) -> Grouping:
+        """The grouping on ``tasks`` only: other tasks removed, groups left empty dropped."""
+        keep = set(tasks)
+        groups = {g: tuple(t for t in ids if t in keep) for g, ids in self.groups.items()}
+        return Grouping(self.name, {g: ids for g, ids in groups.items() if ids})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +34,15 @@ from taskgroup.data.synthetic import planted_labels
 from taskgroup.runtime import configure_cpu
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training import ProgressCallback, prepare_data, train_network
-from taskgroup.training.jobs import NetworkJob, Worker, create_queue, job_results, sqlite_url, storage_for
+from taskgroup.training.jobs import (
+    NetworkJob,
+    create_queue,
+    job_results,
+    job_seconds,
+    sqlite_url,
+    storage_for,
+    work_off,
+)
 
 log = logging.getLogger("taskgroup")
 
@@ -125,23 +130,9 @@ def run_trained(
     storage = storage_for(url, aff.heartbeat, aff.grace)
     study = create_queue(storage, STUDY, job_cfg, list(jobs.values()), out_dir / "jobs")
     start = time.perf_counter()
-    helpers = [
-        spawn_worker(url, STUDY, aff.heartbeat, aff.grace, cfg.train.threads) for _ in range(workers - 1)
-    ]
-    try:
-        Worker(study, registry).run()
-        for h in helpers:
-            h.wait()
-    finally:
-        for h in helpers:
-            if h.poll() is None:
-                h.terminate()
+    work_off(study, url, workers, aff.heartbeat, aff.grace, cfg.train.threads, registry)
     results = job_results(study)
-    seconds = sum(
-        t.user_attrs.get("seconds", 0.0)
-        for t in study.get_trials(deepcopy=False)
-        if "seconds" in t.user_attrs
-    )
+    seconds = job_seconds(study)
     steps = sum(len(NetworkJob.from_key(k).tasks) * aff.trained_steps_per_task for k in results)
     cost = {
         "wall_seconds": time.perf_counter() - start,
@@ -154,15 +145,6 @@ def run_trained(
         "storage": url,
     }
     return results, cost
-
-
-def spawn_worker(url: str, study: str, heartbeat: int, grace: int, threads: int | None) -> subprocess.Popen:
-    """A local ``taskgroup worker`` process on the study (threads split between workers)."""
-    command = [sys.executable, "-m", "taskgroup", "worker", "--storage", url, "--study", study]
-    command += ["--heartbeat", str(heartbeat), "--grace", str(grace)]
-    if threads:
-        command += ["--threads", str(threads)]
-    return subprocess.Popen(command, env=dict(os.environ))
 
 
 def run_affinity(

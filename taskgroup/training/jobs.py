@@ -26,6 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -37,7 +40,7 @@ import optuna
 from taskgroup.config import RunConfig, from_mapping, to_mapping
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training.data import TrainingData, prepare_data
-from taskgroup.training.run import network_hash, safe_name, train_network
+from taskgroup.training.run import final_scores, network_hash, safe_name, train_network
 
 log = logging.getLogger("taskgroup")
 
@@ -141,6 +144,7 @@ class Worker:
             cfg, self.registry, job.tasks, self.network_dir(job), key, self._training_data()
         )
         trial.set_user_attr("best", json.loads(json.dumps(result.best)))
+        trial.set_user_attr("final", final_scores(result.out_dir))
         trial.set_user_attr("seconds", time.perf_counter() - start)
         trial.set_user_attr("network_dir", str(result.out_dir))
         self.finished += 1
@@ -164,14 +168,53 @@ class Worker:
                 return self.finished
 
 
+def spawn_worker(url: str, study: str, heartbeat: int, grace: int, threads: int | None) -> subprocess.Popen:
+    """A local ``taskgroup worker`` process on the study."""
+    command = [sys.executable, "-m", "taskgroup", "worker", "--storage", url, "--study", study]
+    command += ["--heartbeat", str(heartbeat), "--grace", str(grace)]
+    if threads:
+        command += ["--threads", str(threads)]
+    return subprocess.Popen(command, env=dict(os.environ))
+
+
+def work_off(
+    study: optuna.Study,
+    url: str,
+    workers: int,
+    heartbeat: int,
+    grace: int,
+    threads: int | None,
+    registry: TaskRegistry | None = None,
+) -> int:
+    """Work a study's queue off: this process and ``workers - 1`` local worker processes (more
+    machines may join with ``taskgroup worker``). Returns the jobs this process trained."""
+    helpers = [spawn_worker(url, study.study_name, heartbeat, grace, threads) for _ in range(workers - 1)]
+    try:
+        finished = Worker(study, registry).run()
+        for h in helpers:
+            h.wait()
+    finally:
+        for h in helpers:
+            if h.poll() is None:
+                h.terminate()
+    return finished
+
+
+def job_seconds(study: optuna.Study) -> float:
+    """Training seconds spent on the study's jobs (all attempts that finished)."""
+    return sum(float(t.user_attrs.get("seconds", 0.0)) for t in study.get_trials(deepcopy=False))
+
+
 def _job_of(trial: optuna.trial.FrozenTrial) -> NetworkJob | None:
     key = trial.user_attrs.get(JOB)
     return NetworkJob.from_key(key) if key else None
 
 
-def job_results(study: optuna.Study) -> dict[str, dict[str, Any]]:
-    """Complete jobs: key -> the network's best per task ({task: {"step", "value", "metrics"}})."""
+def job_results(study: optuna.Study, which: str = "best") -> dict[str, dict[str, Any]]:
+    """Complete jobs: key -> per task, the network's ``best`` step on validation
+    ({task: {"step", "value", "metrics"}}) or its ``final`` evaluation ({task: {"step",
+    "metrics"}})."""
     out = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        out[t.user_attrs[JOB]] = t.user_attrs["best"]
+        out[t.user_attrs[JOB]] = t.user_attrs[which]
     return out

@@ -40,6 +40,24 @@ from taskgroup.training.engine import Callback, Engine
 log = logging.getLogger("taskgroup")
 
 
+NETWORK_SECTIONS = ("model", "data", "train", "registry")
+
+
+def final_scores(network_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every task's validation metrics at a network's last evaluation (its final weights):
+    ``{task: {"step", "metrics"}}``, read from the network's ``metrics.csv``."""
+    frame = pd.read_csv(Path(network_dir) / "metrics.csv")
+    frame = frame[frame["split"] == "val"]
+    out = {}
+    for task, rows in frame.groupby("task", sort=False):
+        last = rows[rows["step"] == rows["step"].max()]
+        out[str(task)] = {
+            "step": int(last["step"].iloc[0]),
+            "metrics": {str(m): float(v) for m, v in zip(last["metric"], last["value"], strict=True)},
+        }
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class NetworkResult:
     name: str
@@ -61,9 +79,10 @@ def safe_name(name: str) -> str:
 
 
 def network_hash(cfg: RunConfig, tasks: Sequence[str]) -> str:
-    """What a network's results depend on: the run config (but its ``affinity`` section, which
-    only says what is measured around trainings) and its task set."""
-    plain = {k: v for k, v in to_mapping(cfg).items() if k != "affinity"}
+    """What a network's results depend on: the run config's model, data, training and registry
+    (not the sections that only say what is measured or searched around trainings) and its task
+    set."""
+    plain = {k: v for k, v in to_mapping(cfg).items() if k in NETWORK_SECTIONS}
     return config_hash({"config": plain, "tasks": sorted(tasks)})
 
 
