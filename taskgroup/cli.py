@@ -7,6 +7,7 @@ taskgroup train     [--grouping G] --out RUN           train a grouping's networ
 taskgroup affinity  [--method M ...] [--out DIR]       27x27 inter-task affinity matrices
 taskgroup search    RUN ... [--method M ...]           grouping proposals from affinity
 taskgroup compare   --groupings G ... [--seeds N]      train groupings, compare against TS
+taskgroup study run studies/NAME.yaml [--setting S]   a whole experiment (stages chained)
 taskgroup worker    --storage URL --study NAME         take queued network trainings
 """
 
@@ -221,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)"
     )
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("study", help="run a whole experiment from a study file (studies/NAME.yaml)")
+    study_sub = p.add_subparsers(dest="study_command", required=True)
+    p = study_sub.add_parser("run", help="run every stage of a study (each resumes)")
+    p.add_argument("study", type=Path, help="study file, e.g. studies/grouping_search.yaml")
+    p.add_argument("--setting", default="tiny", help="which of the study's settings (default: tiny)")
+    p.add_argument("--data", type=Path, default=None, help="FM_UIA root (settings on real data need it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: runs/studies/NAME-SETTING)"
+    )
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("worker", help="take queued network trainings of a study until none is left")
     p.add_argument(
@@ -447,6 +460,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console.print(
         f"report in {result.out / 'report.md'} ({len(result.jobs)} networks, {result.trained_here} trained here)"
     )
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from taskgroup.study import run_study
+
+    run_study(args.study, args.setting, args.out, args.data, tuple(args.overrides), console=console)
     return 0
 
 

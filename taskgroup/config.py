@@ -239,6 +239,9 @@ class DataConfig:
     cache_dir: str = "~/.cache/taskgroup"
     image_size: int = 64
     val_fraction: float = 0.2  # carved from train (per image) when the data has no val/ root
+    # keep this share of each task's training examples (a fixed random subset per task, nested:
+    # a smaller fraction's examples are among a larger one's); validation is never cut
+    train_fraction: float = 1.0
     sampler: Literal["uniform", "proportional", "temperature"] = "uniform"
     temperature: float = 2.0
     batch_size: int = 32
@@ -247,6 +250,10 @@ class DataConfig:
     # the encoder behind ``model.backbone.pretrained: synthetic`` (see training/pretrain.py)
     pretext_images: int = 3000
     pretext_steps: int = 1500
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)

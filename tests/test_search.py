@@ -171,5 +171,13 @@ def test_groups_table_selection_and_errors(tmp_path, registry):
     pd.DataFrame([{"tasks": "fetal_head+lung", "fetal_head": 0.1}]).to_csv(missing, index=False)
     with pytest.raises(DataError, match=r"line 2: no score for member task 'lung'"):
         read_groups_table(missing, registry)
+    words = tmp_path / "words.csv"
+    pd.DataFrame([{"tasks": "fetal_head", "fetal_head": 0.1}, {"tasks": "lung", "lung": "high"}]).to_csv(
+        words, index=False
+    )
+    with pytest.raises(
+        DataError, match=r"words.csv, line 3: the score of member task 'lung' is 'high', not a number"
+    ):
+        read_groups_table(words, registry)
     with pytest.raises(DataError, match=r"no <method>/matrix\.csv"):
         run_search(load_run_config(TINY_CONFIG).search, registry, tmp_path / "s", [tmp_path])

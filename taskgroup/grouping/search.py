@@ -111,6 +111,20 @@ def read_estimators(runs: Sequence[Path], wanted: Sequence[str] = ()) -> dict[st
     return found
 
 
+def _number(value: Any, path: Path, line: int, what: str) -> float | None:
+    """A table cell as a finite number, None when empty; anything else is an error naming the
+    file, the line and the column."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}, line {line}: {what} is {value!r}, not a number") from None
+    if not np.isfinite(number):
+        raise DataError(f"{path}, line {line}: {what} is {value!r}, not a finite number")
+    return number
+
+
 def read_groups_table(path: Path, registry: TaskRegistry) -> list[Candidate]:
     """Trained groups with measured per-task scores: CSV, one row per network, column ``tasks``
     (ids joined by ``+``), optional ``cost``, and one column per task holding that member's
@@ -128,11 +142,12 @@ def read_groups_table(path: Path, registry: TaskRegistry) -> list[Candidate]:
         for t in members:
             if t not in registry:
                 raise DataError(f"{path}, line {row_number}: unknown task {t!r}")
-            value = row.get(t)
-            if value is None or not np.isfinite(float(value)):
+            value = _number(row.get(t), path, row_number, f"the score of member task {t!r}")
+            if value is None:
                 raise DataError(f"{path}, line {row_number}: no score for member task {t!r}")
-            scores[t] = float(value)
-        cost = float(row.get("cost", 1.0)) if pd.notna(row.get("cost", 1.0)) else 1.0
+            scores[t] = value
+        cost = _number(row.get("cost"), path, row_number, "the cost")
+        cost = 1.0 if cost is None else cost
         out.append(Candidate(members, scores, cost, "+".join(members)))
     return out
 

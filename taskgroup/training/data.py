@@ -14,9 +14,11 @@ import dataclasses
 import logging
 import os
 import shutil
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -122,6 +124,19 @@ def _split_data(
     return SplitData(datasets, images, targets)
 
 
+def subsample(records: Sequence[Record], fraction: float, task: str) -> tuple[Record, ...]:
+    """``fraction`` of a task's records (at least one), chosen by a permutation seeded by the task
+    name, so smaller fractions are nested in larger ones; the records keep their order."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction}")
+    records = tuple(records)
+    if fraction == 1.0:
+        return records
+    keep = max(1, round(fraction * len(records)))
+    order = np.random.default_rng(zlib.crc32(task.encode())).permutation(len(records))
+    return tuple(records[i] for i in sorted(order[:keep]))
+
+
 def prepare_data(
     cfg: DataConfig, registry: TaskRegistry, tasks: Sequence[str], report_dir: Path | None = None
 ) -> TrainingData:
@@ -141,7 +156,7 @@ def prepare_data(
         train_records, val_records = split.records(train_index, "train"), split.records(train_index, "val")
         source = f"{cfg.val_fraction:.0%} split of train"
     order = list(tasks)
-    train_records = {t: train_records[t] for t in order}
+    train_records = {t: subsample(train_records[t], cfg.train_fraction, t) for t in order}
     val_records = {t: val_records[t] for t in order}
     return TrainingData(
         train=_split_data(train_records, registry, cfg.image_size, cfg.preload, "train"),

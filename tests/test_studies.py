@@ -1,0 +1,103 @@
+"""Studies and notebooks: every study file is valid in every setting; the CI settings of
+grouping_search and data_scale run end to end; both notebooks execute on the study's output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from taskgroup.config import load_run_config
+from taskgroup.errors import ConfigError
+from taskgroup.study import load_study, run_study
+
+ROOT = Path(__file__).parents[1]
+STUDIES = sorted((ROOT / "studies").glob("*.yaml"))
+
+
+def test_the_three_studies_are_here():
+    assert {p.stem for p in STUDIES} == {"m2dino_aggregation", "grouping_search", "data_scale"}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_every_setting_of_every_study_resolves(path, registry):
+    study = load_study(path)
+    assert {"tiny", "ci", "full"} <= set(study.settings)
+    for name, setting in study.settings.items():
+        config = (path.parent / setting.config).resolve()
+        assert config.exists(), (name, config)
+        for stage in study.stages:
+            extra = [*setting.set, *getattr(study, stage), *getattr(setting, stage)]
+            load_run_config(config, extra)  # every override names a real key with a valid value
+        unknown = [t for t in setting.tasks if t not in registry]
+        assert not unknown, (name, unknown)
+    assert study.settings["full"].needs_data
+
+
+def test_a_study_names_a_missing_setting_and_missing_data(tmp_path):
+    path = ROOT / "studies" / "grouping_search.yaml"
+    with pytest.raises(ConfigError, match="no setting 'tiyn'; did you mean 'tiny'"):
+        run_study(path, "tiyn", tmp_path)
+    with pytest.raises(ConfigError, match="setting 'full' runs on real data: give --data ROOT"):
+        run_study(path, "full", tmp_path)
+
+
+def execute(notebook: Path, study: Path) -> nbformat.NotebookNode:
+    book = nbformat.read(notebook, as_version=4)
+    assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), "committed with outputs"
+    cell = next(c for c in book.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source = f"STUDY = {str(study)!r}\nREGISTRY = None"
+    NotebookClient(
+        book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+    return book
+
+
+@pytest.mark.slow
+def test_grouping_search_study_runs_end_to_end_and_the_notebooks_execute(tiny_synth, tmp_path):
+    out = tmp_path / "study"
+    result = run_study(ROOT / "studies" / "grouping_search.yaml", "ci", out, data=tiny_synth)
+    assert set(result.seconds) == {
+        "grouping_search/affinity",
+        "grouping_search/search",
+        "grouping_search/compare",
+    }
+    for method in ("gradient", "pairwise"):
+        assert (out / "affinity" / method / "matrix.csv").exists()
+    best = json.loads((out / "search" / "meta.json").read_text())["best"]
+    assert set(best) == {"gradient", "pairwise"}
+    groups = pd.read_csv(out / "compare" / "per_group.csv")
+    proposals = {b["name"] for b in best.values()}
+    assert {"cg", "au"} | proposals == set(groups.grouping)  # the best proposals against CG and AU
+    assert (groups[groups.scope == "all"].seeds == 2).all()
+
+    negative = execute(ROOT / "notebooks" / "negative_transfer.ipynb", out)
+    images = [o for c in negative.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 6  # 2 heatmaps, received, type sensitivity, delta_m, negative, gains
+    methods = execute(ROOT / "notebooks" / "affinity_methods.ipynb", out)
+    text = "".join(
+        o.get("data", {}).get("text/plain", "") for c in methods.cells for o in c.get("outputs", [])
+    )
+    assert "gradient" in text and "spearman" in text
+
+
+@pytest.mark.slow
+def test_data_scale_study_sweeps_the_training_fraction(tiny_synth, tmp_path):
+    out = tmp_path / "scale"
+    run_study(ROOT / "studies" / "data_scale.yaml", "ci", out, data=tiny_synth)
+    sweep = pd.read_csv(out / "sweep.csv")
+    assert sorted(sweep["data.train_fraction"].unique()) == [0.5, 1.0]  # the ci setting's values
+    assert {"cg", "au", "best (gradient)"} <= set(sweep.grouping)
+    assert (out / "sweep.png").stat().st_size > 5000
+    sizes = {
+        f: json.loads((out / f"data.train_fraction={f:g}" / "compare" / "meta.json").read_text())[
+            "train_sizes"
+        ]
+        for f in (0.5, 1.0)
+    }
+    for task, full in sizes[1.0].items():
+        assert sizes[0.5][task] == max(1, round(0.5 * full)), task
