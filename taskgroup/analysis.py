@@ -238,3 +238,14 @@ def plot_type_sensitivity(table: pd.DataFrame):
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
+
+
+def to_png(fig) -> bytes:
+    """A figure as PNG bytes (``IPython.display.Image(data=...)`` shows it whatever the backend),
+    and closed."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return buffer.getvalue()

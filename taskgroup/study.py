@@ -16,6 +16,7 @@ A study file (typed: :class:`StudyConfig`)::
     stages: [affinity, search, compare]
     affinity: [affinity.methods=[gradient]]        # overrides of a stage, every setting
     compare_groupings: [ts, cg, au, search:best]   # search:best = each estimator's best proposal
+                                                   # (search:best_partition: its best partition)
     sweep: {key: data.train_fraction, values: [0.25, 0.5, 1.0]}     # optional
     settings:
       tiny: {config: ../configs/tiny.yaml, tasks: [...], set: [...], compare: [...]}
@@ -43,7 +44,8 @@ from taskgroup.errors import ConfigError, did_you_mean
 from taskgroup.tasks import load_registry
 
 Stage = Literal["affinity", "search", "compare"]
-BEST = "search:best"
+BEST = "search:best"  # each estimator's best proposal (may overlap: a task served by its best network)
+BEST_PARTITION = "search:best_partition"  # each estimator's best partition (every task in one network)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +86,9 @@ class StudyConfig:
             raise ValueError("a study needs at least one stage")
         if "search" in self.stages and "affinity" not in self.stages:
             raise ValueError("stage 'search' reads the affinity stage: list 'affinity' too")
-        if BEST in self.compare_groupings and "search" not in self.stages:
-            raise ValueError(f"compare_groupings names {BEST!r} but the study has no 'search' stage")
+        for token in (BEST, BEST_PARTITION):
+            if token in self.compare_groupings and "search" not in self.stages:
+                raise ValueError(f"compare_groupings names {token!r} but the study has no 'search' stage")
 
 
 @dataclasses.dataclass
@@ -105,10 +108,11 @@ def _resolve(path: Path, name: str) -> str:
     return str(p if p.is_absolute() else (path.parent / p).resolve())
 
 
-def best_groupings(search_dir: Path) -> list[str]:
-    """The grouping files of each estimator's best proposal of a search folder."""
+def best_groupings(search_dir: Path, which: str = "best") -> list[str]:
+    """The grouping files of each estimator's ``best`` proposal (or ``best_partition``) of a
+    search folder."""
     meta = json.loads((search_dir / "meta.json").read_text())
-    files = dict.fromkeys(str(search_dir / "proposals" / f"{b['name']}.yaml") for b in meta["best"].values())
+    files = dict.fromkeys(str(search_dir / "proposals" / f"{b['name']}.yaml") for b in meta[which].values())
     if not files:
         raise ConfigError(f"{search_dir}: the search made no proposal to compare")
     return list(files)
@@ -180,8 +184,10 @@ def run_study(
             console.rule(f"{label}: compare")
             groupings: list[str] = []
             for g in study.compare_groupings:
-                if g == BEST:
-                    groupings += best_groupings(folder / "search")
+                if g in (BEST, BEST_PARTITION):
+                    groupings += [
+                        f for f in best_groupings(folder / "search", g.split(":")[1]) if f not in groupings
+                    ]
                 elif g in ("ts", "cg", "au"):
                     groupings.append(g)
                 else:
@@ -199,6 +205,15 @@ def run_study(
     return StudyResult(out, [f for _, f in points], seconds)
 
 
+def _sweep_label(grouping: str) -> str:
+    """A grouping's label across swept values: a proposal's name changes with the value, its
+    estimator (the name's prefix) and kind (a selection or a partition) do not."""
+    if grouping in ("ts", "cg", "au"):
+        return grouping
+    kind = "best" if "-select-" in grouping else "best partition"
+    return f"{kind} ({grouping.split('-')[0]})"
+
+
 def sweep_summary(out: Path, sweep: SweepConfig, folders: list[Path]) -> pd.DataFrame:
     """delta_m (all tasks and per type) of every grouping at every swept value: sweep.csv and a
     plot of delta_m against the value with its intervals."""
@@ -208,9 +223,7 @@ def sweep_summary(out: Path, sweep: SweepConfig, folders: list[Path]) -> pd.Data
         frame.insert(0, sweep.key, value)
         # a proposal's name changes with the value; its estimator (the name's prefix) does not
         frame.insert(2, "proposal", frame["grouping"])
-        frame["grouping"] = frame["grouping"].map(
-            lambda g: g if g in ("cg", "au") else f"best ({g.split('-')[0]})"
-        )
+        frame["grouping"] = frame["grouping"].map(_sweep_label)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(out / "sweep.csv", index=False)

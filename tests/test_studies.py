@@ -68,11 +68,11 @@ def test_grouping_search_study_runs_end_to_end_and_the_notebooks_execute(tiny_sy
     }
     for method in ("gradient", "pairwise"):
         assert (out / "affinity" / method / "matrix.csv").exists()
-    best = json.loads((out / "search" / "meta.json").read_text())["best"]
-    assert set(best) == {"gradient", "pairwise"}
+    meta = json.loads((out / "search" / "meta.json").read_text())
+    assert set(meta["best"]) == set(meta["best_partition"]) == {"gradient", "pairwise"}
     groups = pd.read_csv(out / "compare" / "per_group.csv")
-    proposals = {b["name"] for b in best.values()}
-    assert {"cg", "au"} | proposals == set(groups.grouping)  # the best proposals against CG and AU
+    proposals = {b["name"] for key in ("best", "best_partition") for b in meta[key].values()}
+    assert {"cg", "au"} | proposals == set(groups.grouping)  # the proposals against CG and AU
     assert (groups[groups.scope == "all"].seeds == 2).all()
 
     negative = execute(ROOT / "notebooks" / "negative_transfer.ipynb", out)
@@ -91,7 +91,7 @@ def test_data_scale_study_sweeps_the_training_fraction(tiny_synth, tmp_path):
     run_study(ROOT / "studies" / "data_scale.yaml", "ci", out, data=tiny_synth)
     sweep = pd.read_csv(out / "sweep.csv")
     assert sorted(sweep["data.train_fraction"].unique()) == [0.5, 1.0]  # the ci setting's values
-    assert {"cg", "au", "best (gradient)"} <= set(sweep.grouping)
+    assert {"cg", "au", "best partition (gradient)"} <= set(sweep.grouping)
     assert (out / "sweep.png").stat().st_size > 5000
     sizes = {
         f: json.loads((out / f"data.train_fraction={f:g}" / "compare" / "meta.json").read_text())[

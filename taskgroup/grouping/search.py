@@ -443,10 +443,15 @@ def run_search(
         grouping = Grouping(p.name, {f"g{k + 1}": g for k, g in enumerate(p.groups)})
         text = f"# taskgroup search: {p.method} on {p.estimator} ({p.params or 'defaults'}); predicted mean gain {p.mean:+.4f}\n"
         (out / "proposals" / f"{p.name}.yaml").write_text(text + grouping.to_yaml())
+    best_partition: dict[str, Proposal] = {}
     for estimator, predictor in predictors.items():
         mine = [p for p in proposals if p.estimator == estimator]
         # the best proposal boxed; when it overlaps (a selection), the best partition
-        boxed = best_proposals([p for p in mine if p.is_partition], cfg.tolerance).get(estimator)
+        boxed = best_proposals(
+            [p for p in mine if p.is_partition and p.method not in REFERENCES], cfg.tolerance
+        ).get(estimator)
+        if boxed is not None:
+            best_partition[estimator] = boxed
         boxes = boxed.groups if boxed else None
         plot_heatmap(
             predictor.affinity,
@@ -458,6 +463,10 @@ def run_search(
         )
         plot_pareto(mine, paretos.get(estimator), estimator, out / f"pareto_{_safe(estimator)}.png")
     meta["best"] = {e: {"name": p.name, "mean_gain": p.mean, "networks": p.networks} for e, p in best.items()}
+    # every task in exactly one network: no choice of network on validation (see taskgroup compare)
+    meta["best_partition"] = {
+        e: {"name": p.name, "mean_gain": p.mean, "networks": p.networks} for e, p in best_partition.items()
+    }
     if truth is not None:
         meta["best_ari"] = {
             e: float(ranking.loc[ranking.name == p.name, "ari"].iloc[0]) for e, p in best.items()

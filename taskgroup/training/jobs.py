@@ -106,6 +106,7 @@ class Worker:
     """Takes queued jobs of a study until none is waiting or running, training each one."""
 
     def __init__(self, study: optuna.Study, registry: TaskRegistry | None = None) -> None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per job is the progress bar's
         self.study = study
         self.cfg = from_mapping(RunConfig, study.user_attrs["config"], f"study {study.study_name}")
         self.work_dir = Path(study.user_attrs["work_dir"])
