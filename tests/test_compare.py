@@ -234,3 +234,14 @@ def test_compare_workers_survive_a_killed_worker(storage, tiny_synth, registry, 
     assert sum(t.state.name == "FAIL" for t in trials) == 1  # the killed attempt, retaken
     result = run_compare(cfg, tmp_path / "report", registry)  # finds everything done
     assert result.trained_here == 0 and set(result.scores.task) == set(COMPARE_TASKS)
+
+
+def test_a_report_of_ts_alone_is_empty_but_written(registry, tmp_path):
+    from taskgroup.compare import write_report
+    from taskgroup.groupings import Grouping
+
+    scores = _scores([("ts", s, t, v) for s in range(2) for t, v in ((SEG, 0.5), (REG, 20.0))])
+    report = write_report(
+        tmp_path, scores, registry, {SEG: 10, REG: 20}, [Grouping("ts", {SEG: (SEG,)})], 0.95
+    )
+    assert report["per_group"].empty and (tmp_path / "report.md").exists()

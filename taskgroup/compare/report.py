@@ -41,6 +41,20 @@ from taskgroup.tasks import TaskRegistry
 
 REFERENCE = "ts"
 TYPES = ("seg", "cls", "det", "reg")
+GROUP_COLUMNS = [
+    "grouping",
+    "scope",
+    "name",
+    "n_tasks",
+    "n_undefined",
+    "delta_m",
+    "ci_low",
+    "ci_high",
+    "seeds",
+    "p_seeds",
+    "p_tasks",
+    "negative_tasks",
+]
 
 
 def t_interval(values: Sequence[float], confidence: float) -> tuple[float, float]:
@@ -174,7 +188,7 @@ def per_group(gains: pd.DataFrame, registry: TaskRegistry, confidence: float) ->
                     "negative_tasks": int((task_means < 0).sum()),
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=GROUP_COLUMNS)
 
 
 def negative_transfer(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
