@@ -243,7 +243,7 @@ def plot_delta_m(frame: pd.DataFrame, path: Path) -> None:
     labels = list(dict.fromkeys(zip(frame["scope"], frame["name"], strict=True)))
     groupings = list(dict.fromkeys(frame["grouping"]))
     width = 0.8 / max(len(groupings), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * max(1, len(groupings) / 2)), 4))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.3 * len(labels) * len(groupings))), 4.5))
     x = np.arange(len(labels))
     for k, grouping in enumerate(groupings):
         g = frame[frame["grouping"] == grouping].set_index(["scope", "name"]).reindex(labels)
@@ -280,7 +280,7 @@ def plot_gains(table: pd.DataFrame, path: Path) -> None:
     image = ax.imshow(grid.to_numpy(float), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right")
     ax.set_yticks(range(grid.shape[0]), [f"{t} ({sizes[t]})" for t in grid.index], fontsize=7)
-    fig.colorbar(image, ax=ax, label="relative gain vs TS (red: negative transfer)")
+    fig.colorbar(image, ax=ax, label="gain vs TS (red: negative)")
     ax.set_title("Gain per task (rows by training-set size)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -289,25 +289,25 @@ def plot_gains(table: pd.DataFrame, path: Path) -> None:
 
 def plot_negative(rows: pd.DataFrame, path: Path) -> None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     markers = dict(zip(TYPES, "osD^", strict=True))
+    colours = []
     for k, (grouping, g) in enumerate(rows.groupby("grouping", sort=False)):
+        colours.append((grouping, f"C{k}"))
         for kind, part in g.groupby("type"):
             ax.scatter(
-                part["n_train"],
-                part["gain"],
-                color=f"C{k}",
-                marker=markers.get(kind, "o"),
-                s=22,
-                alpha=0.8,
-                label=grouping if kind == g["type"].iloc[0] else None,
+                part["n_train"], part["gain"], color=f"C{k}", marker=markers.get(kind, "o"), s=22, alpha=0.8
             )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training-set size (log)")
     ax.set_ylabel("relative gain vs TS")
-    ax.set_title("Negative transfer against data scale (marker: o seg, s cls, D det, ^ reg)")
-    ax.legend(fontsize=8)
+    ax.set_title("Negative transfer against data scale")
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=g) for g, c in colours]
+    handles += [Line2D([], [], color="0.4", marker=m, ls="", label=k) for k, m in markers.items()]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
