@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-groups", type=int, default=None, help="optuna: at most this many groups")
     p.add_argument("--storage", default=None, help="Optuna storage (default: sqlite file OUT/search.db)")
     p.add_argument(
+        "--trained",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also N Optuna trials that each train their partition (the run config's model, data, "
+        "train; pruned by search.pruner)",
+    )
+    p.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG, help=f"run config YAML (default: {DEFAULT_CONFIG})"
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -439,9 +447,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     extra += [f"search.budgets=[{', '.join(map(str, args.budget))}]"] if args.budget else []
     extra += [f"search.max_groups={args.max_groups}"] if args.max_groups else []
     extra += [f"search.storage={args.storage}"] if args.storage else []
+    extra += [f"search.trained_trials={args.trained}"] if args.trained else []
     cfg = load_run_config(args.config, [*args.overrides, *extra])
     registry = load_registry(cfg.registry)
-    result = run_search(cfg.search, registry, args.out, args.affinity, args.groups_table, console=console)
+    result = run_search(
+        cfg.search, registry, args.out, args.affinity, args.groups_table, console=console, run_cfg=cfg
+    )
     console.print(f"proposals in {result.out / 'proposals'}, ranking in {result.out / 'ranking.csv'}")
     return 0
 

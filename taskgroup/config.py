@@ -336,7 +336,9 @@ class SearchConfig:
     network budget in ``budgets``. ``optuna``: a TPE study over partitions into at most
     ``max_groups`` groups (``trials`` trials; its best polished by single-task moves) and an
     NSGA-II study of predicted gain vs networks (``pareto_trials``), on ``storage`` (None: a
-    SQLite file in the output folder).
+    SQLite file in the output folder). ``trained_trials`` > 0 adds a study whose objective is a
+    real short training of each trial's partition (the run config's model, data and train
+    sections), pruned by ``pruner``.
 
     The predictor (:class:`taskgroup.grouping.predict.GainPredictor`): ``partners`` shrinks the
     mean over a group's partners towards 0 by m / (m + partners); ``shrink`` (n0) and
@@ -364,6 +366,10 @@ class SearchConfig:
     seed: int = 0
     tolerance: float = 0.05
     top: int = 12  # rows of the terminal table
+    # the trained objective (grouping/trained.py): this many Optuna trials that each train their
+    # partition through the engine (0 = off), pruned by ``pruner``
+    trained_trials: int = 0
+    pruner: Literal["median", "successive_halving", "none"] = "median"
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in SEARCH_METHODS]

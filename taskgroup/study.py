@@ -175,8 +175,14 @@ def run_study(
         if "search" in study.stages:
             start = time.perf_counter()
             console.rule(f"{label}: search")
+            search_cfg = cfg_for("search")
             run_search(
-                cfg_for("search").search, registry, folder / "search", [folder / "affinity"], console=console
+                search_cfg.search,
+                registry,
+                folder / "search",
+                [folder / "affinity"],
+                console=console,
+                run_cfg=search_cfg,
             )
             seconds[f"{label}/search"] = time.perf_counter() - start
         if "compare" in study.stages:

@@ -279,6 +279,47 @@ def search_estimator(
     return proposals, info, pareto
 
 
+def search_trained(
+    run_cfg: RunConfig,
+    registry: TaskRegistry,
+    tasks: Sequence[str],
+    out: Path,
+    storage: str,
+    start: Sequence[Sequence[Sequence[str]]],
+) -> tuple[Proposal, dict[str, Any]]:
+    """The trained objective: a TPE study whose trials train their partitions (networks in
+    ``out/trained``), started from ``start``; its best partition with its realised gains."""
+    from taskgroup.grouping.trained import TrainedGains, trained_search
+    from taskgroup.runtime import configure_cpu
+    from taskgroup.training.pretrain import resolve_pretrained
+
+    cfg = run_cfg.search
+    configure_cpu(run_cfg.train.threads)
+    gains = TrainedGains(resolve_pretrained(run_cfg), registry, tasks, out / "trained")
+    result = trained_search(
+        gains, cfg.max_groups, cfg.trained_trials, storage, "trained", cfg.seed, start, cfg.pruner
+    )
+    realised = {t: g for group in result.best for t, g in gains.gains(group).items()}
+    realised = {t: (g if np.isfinite(g) else 0.0) for t, g in realised.items()}
+    proposal = Proposal(
+        "trained-optuna",
+        "optuna-trained",
+        "trained",
+        tuple(tuple(g) for g in result.best),
+        realised,
+        float(len(result.best)),
+        f"trials={cfg.trained_trials},pruner={cfg.pruner}",
+    )
+    info = {
+        "trials": result.trials,
+        "distinct_partitions": result.distinct,
+        "best_value": result.best_value,
+        "networks_trained": gains.trained,
+        "pruner": cfg.pruner,
+    }
+    return proposal, info
+
+
 def best_proposals(proposals: Sequence[Proposal], tolerance: float) -> dict[str, Proposal]:
     """Per estimator: the fewest networks within ``tolerance`` of the highest predicted mean gain
     (highest gain among those); TS, CG and AU are references, never chosen."""
@@ -369,6 +410,7 @@ def run_search(
     affinity_runs: Sequence[Path] = (),
     groups_table: Path | None = None,
     console: Console | None = None,
+    run_cfg: RunConfig | None = None,
 ) -> SearchResult:
     console = console or Console()
     out = Path(out)
@@ -426,6 +468,17 @@ def run_search(
                     f"budget={budget:g}",
                 )
             )
+    if cfg.trained_trials > 0:
+        if run_cfg is None:
+            raise ConfigError("search.trained_trials needs the run config (model, data, train) to train with")
+        t0 = time.perf_counter()
+        starts = [p.groups for p in best_proposals([p for p in proposals if p.is_partition], 0.0).values()]
+        cg = [tuple(t for t in ids if t in tasks) for ids in registry.clinical_groups.values()]
+        trained, info = search_trained(
+            run_cfg, registry, tasks, out, storage, [*starts, [g for g in cg if g]]
+        )
+        proposals.append(trained)
+        meta["trained"] = {**info, "seconds": time.perf_counter() - t0}
     truth = planted_labels(tasks) if synthetic else None
     # a groups table over other tasks than the affinity is selected but not ranked beside it
     ranked = [p for p in proposals if set(p.gains) == set(tasks)]

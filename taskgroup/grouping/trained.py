@@ -1,0 +1,167 @@
+"""The trained objective: Optuna over partitions whose value is a real short training (issue 6).
+
+Where the predicted objective (:mod:`taskgroup.grouping.optimize`) scores a partition from an
+affinity matrix, this one trains it: every group of a trial's partition is a network trained
+through the engine (:func:`taskgroup.training.run.train_network`), each task scored at its
+network's final validation evaluation, and the trial's value is the mean relative gain of the
+tasks over each task trained alone (direction-aware; a task whose single-task score is exactly 0
+has no relative gain and is left out of the mean). A network (task set) is trained once for the
+whole study, whichever trials contain it (folders keyed by task set and config hash), so a
+stopped search resumes without retraining anything.
+
+Pruning: the groups of a trial are trained largest first; after each one the trial reports the
+mean gain of the tasks trained so far at step = their number, and the study's pruner (median by
+default, any Optuna pruner) may stop it before its remaining networks are trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from taskgroup.config import RunConfig
+from taskgroup.grouping.optimize import OptunaResult, decode, encode
+from taskgroup.metrics.summary import relative_gain
+from taskgroup.tasks import TaskRegistry
+from taskgroup.training.data import TrainingData, prepare_data
+from taskgroup.training.run import final_scores, network_hash, safe_name, train_network
+
+PRUNERS = ("median", "successive_halving", "none")
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {name!r}; one of {', '.join(PRUNERS)}")
+
+
+@dataclasses.dataclass
+class TrainedGains:
+    """Realised relative gains of groups, each group trained once into ``work_dir``."""
+
+    cfg: RunConfig
+    registry: TaskRegistry
+    tasks: Sequence[str]
+    work_dir: Path
+    data: TrainingData | None = None
+    trained: int = 0  # networks trained by this object (not found done)
+
+    def __post_init__(self) -> None:
+        self.tasks = list(self.tasks)
+        self.work_dir = Path(self.work_dir)
+        self._scores: dict[tuple[str, ...], dict[str, float]] = {}
+
+    def _data(self) -> TrainingData:
+        if self.data is None:
+            self.data = prepare_data(self.cfg.data, self.registry, self.tasks)
+        return self.data
+
+    def scores(self, group: Sequence[str]) -> dict[str, float]:
+        """Each member's primary validation metric at the final step of the group's network."""
+        key = tuple(sorted(group))
+        if key not in self._scores:
+            name = "+".join(key)
+            folder = self.work_dir / "networks" / f"{safe_name(name)[:80]}-{network_hash(self.cfg, key)}"
+            done = (folder / "done.json").exists()
+            train_network(self.cfg, self.registry, key, folder, name, self._data())
+            self.trained += not done
+            final = final_scores(folder)
+            self._scores[key] = {
+                t: float(final[t]["metrics"][self.registry[t].primary_metric.name]) for t in key
+            }
+        return self._scores[key]
+
+    def gains(self, group: Sequence[str]) -> dict[str, float]:
+        """Each member's relative gain in the group over the member trained alone (0 alone)."""
+        if len(group) == 1:
+            return {group[0]: 0.0}
+        values = self.scores(group)
+        out = {}
+        for t in group:
+            alone = self.scores((t,))[t]
+            out[t] = relative_gain(values[t], alone, self.registry[t].primary_metric.higher_is_better)
+        return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else 0.0
+
+
+def trained_objective(gains: TrainedGains, max_groups: int):
+    tasks = gains.tasks
+
+    def objective(trial: optuna.Trial) -> float:
+        labels = [trial.suggest_int(f"g{k}", 0, min(k, max_groups - 1)) for k in range(len(tasks))]
+        groups = decode(labels, tasks)
+        trial.set_user_attr("groups", [list(g) for g in groups])
+        seen: list[float] = []
+        done = 0
+        for group in sorted(groups, key=lambda g: (-len(g), g)):
+            seen += list(gains.gains(group).values())
+            done += len(group)
+            trial.report(_mean(seen), step=done)
+            if done < len(tasks) and trial.should_prune():
+                raise optuna.TrialPruned(f"mean gain {_mean(seen):+.4f} after {done} tasks")
+        return _mean(seen)
+
+    return objective
+
+
+def trained_search(
+    gains: TrainedGains,
+    max_groups: int,
+    trials: int,
+    storage: str | None = None,
+    study_name: str = "trained",
+    seed: int = 0,
+    start: Sequence[Sequence[Sequence[str]]] = (),
+    pruner: str = "median",
+) -> OptunaResult:
+    """Run (or resume) a TPE study of trained partitions to ``trials`` finished (complete or
+    pruned) trials, started from the ``start`` partitions; every task alone is trained first
+    (the reference of every gain)."""
+    tasks = gains.tasks
+    for t in tasks:
+        gains.scores((t,))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, group=False),
+        pruner=make_pruner(pruner),
+        load_if_exists=True,
+    )
+    if not study.trials:
+        for groups in start:
+            if len(groups) <= max_groups:
+                study.enqueue_trial(encode(groups, tasks), skip_if_exists=True)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = sum(t.state in finished for t in study.trials)
+    if done < trials:
+        study.optimize(trained_objective(gains, max_groups), n_trials=trials - done, catch=())
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"study {study_name}: every trial was pruned; raise the number of trials")
+
+    def groups_of(t) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(g) for g in t.user_attrs["groups"])
+
+    best = max(complete, key=lambda t: (t.value, -len(t.user_attrs["groups"])))
+    return OptunaResult(
+        groups_of(best),
+        float(best.value),
+        [(float(best.value), len(groups_of(best)), groups_of(best))],
+        len(complete),
+        len({groups_of(t) for t in complete}),
+    )
