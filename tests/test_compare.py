@@ -115,6 +115,16 @@ def test_negative_transfer_flags_and_undefined_gains(registry):
     group = per_group(gains_frame(_scores(zero), registry), registry, 0.95).set_index(["scope", "name"])
     assert group.loc[("all", "all"), "delta_m"] == pytest.approx(0.5)
     assert group.loc[("all", "all"), "n_undefined"] == 1
+    # with a floor, a TS score below it is replaced by the floor in the denominator only
+    floored = gains_frame(_scores(zero), registry, floor=0.1).set_index(["grouping", "task"])
+    assert floored.loc[("au", SEG), "gain"] == pytest.approx((0.3 - 0.0) / 0.1)
+    assert floored.loc[("au", REG), "gain"] == pytest.approx(0.5)  # MRE: no floor, (20 - 10) / 20
+    low = [("ts", 0, SEG, 0.02), ("ts", 0, REG, 20.0), ("au", 0, SEG, 0.3), ("au", 0, REG, 10.0)]
+    group = per_group(gains_frame(_scores(low), registry, floor=0.1), registry, 0.95).set_index(
+        ["scope", "name"]
+    )
+    assert group.loc[("all", "all"), "delta_m"] == pytest.approx(((0.3 - 0.02) / 0.1 + 0.5) / 2)
+    assert group.loc[("all", "all"), "n_floored"] == 1 and group.loc[("all", "all"), "n_undefined"] == 0
 
 
 def test_served_scores_take_each_task_from_its_best_network(registry):

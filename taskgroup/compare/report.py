@@ -47,6 +47,7 @@ GROUP_COLUMNS = [
     "name",
     "n_tasks",
     "n_undefined",
+    "n_floored",
     "delta_m",
     "ci_low",
     "ci_high",
@@ -88,9 +89,19 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(x)) if x else math.nan
 
 
-def gains_frame(scores: pd.DataFrame, registry: TaskRegistry) -> pd.DataFrame:
-    """Per grouping, seed and task: the primary value, TS's, the relative gain and the
-    direction-aware difference (TS rows have gain 0)."""
+def floored_gain(value: float, reference: float, higher_is_better: bool, floor: float) -> float:
+    """Relative gain over ``reference`` whose denominator is at least ``floor`` for scores where
+    higher is better (DSC, IoU, AUC, F1, accuracy, MCC: at most 1): a task that TS barely learns
+    (a Dice of 0.002) would otherwise dominate every mean with a gain of x100. Errors in pixels
+    (MRE, HD) keep the plain relative change."""
+    if not higher_is_better or abs(reference) >= floor:
+        return relative_gain(value, reference, higher_is_better)
+    return (value - reference) / floor
+
+
+def gains_frame(scores: pd.DataFrame, registry: TaskRegistry, floor: float = 0.0) -> pd.DataFrame:
+    """Per grouping, seed and task: the primary value, TS's, the relative gain (denominator
+    floored, see :func:`floored_gain`) and the direction-aware difference (TS rows have gain 0)."""
     primary = scores[scores["primary"]].copy()
     ref = primary[primary["grouping"] == REFERENCE].set_index(["seed", "task"])["value"]
     if ref.empty:
@@ -108,8 +119,9 @@ def gains_frame(scores: pd.DataFrame, registry: TaskRegistry) -> pd.DataFrame:
                 "network_size": r.network_size,
                 "value": r.value,
                 "ts": base,
-                "gain": relative_gain(r.value, base, up),
+                "gain": floored_gain(r.value, base, up, floor),
                 "diff": (r.value - base) if up else (base - r.value),
+                "floored": bool(up and abs(base) < floor),
             }
         )
     return pd.DataFrame(rows)
@@ -144,6 +156,7 @@ def per_task(
                 "gain_low": low,
                 "gain_high": high,
                 "diff": float(g["diff"].mean()),
+                "floored": bool(g["floored"].any()),
                 "network": g["network"].mode().iloc[0],
                 "network_size": int(g["network_size"].mode().iloc[0]),
             }
@@ -179,6 +192,7 @@ def per_group(gains: pd.DataFrame, registry: TaskRegistry, confidence: float) ->
                     "name": name,
                     "n_tasks": int(np.isfinite(task_means).sum()),
                     "n_undefined": int((~np.isfinite(task_means)).sum()),
+                    "n_floored": int(part.groupby("task")["floored"].any().sum()),
                     "delta_m": _mean(per_seed),
                     "ci_low": low,
                     "ci_high": high,
@@ -327,9 +341,10 @@ def write_report(
     sizes: Mapping[str, int],
     groupings: Sequence[Grouping],
     confidence: float,
+    floor: float = 0.0,
 ) -> dict[str, pd.DataFrame]:
     out = Path(out)
-    gains = gains_frame(scores, registry)
+    gains = gains_frame(scores, registry, floor)
     metrics = per_task_metrics(scores)
     tasks_table = per_task(gains, registry, sizes, confidence)
     groups_table = per_group(gains, registry, confidence)
@@ -353,7 +368,8 @@ def write_report(
     overall = groups_table[groups_table["scope"] == "all"].merge(networks, on="grouping")
     text = [
         "# Comparison against task-specific training (TS)\n",
-        f"Relative gain of each task's primary metric over TS of the same seed; intervals "
+        f"Relative gain of each task's primary metric over TS of the same seed (for scores where "
+        f"higher is better, against at least {floor:g}: n_floored tasks); intervals "
         f"{confidence:.0%} over seeds.\n",
         "## All tasks\n",
         _markdown(

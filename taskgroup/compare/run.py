@@ -207,13 +207,14 @@ def run_compare(
     scores.to_csv(out / "scores.csv", index=False)
     scores.to_parquet(out / "scores.parquet", index=False)
     sizes, _ = train_sizes(cfg.data, registry, tasks)
-    report = write_report(out, scores, registry, sizes, groupings, comp.confidence)
+    report = write_report(out, scores, registry, sizes, groupings, comp.confidence, comp.floor)
     meta = {
         "config": to_mapping(cfg),
         "tasks": tasks,
         "groupings": {g.name: {k: list(v) for k, v in g.groups.items()} for g in groupings},
         "seeds": seeds,
         "select": comp.select,
+        "floor": comp.floor,
         "train_sizes": sizes,
         "storage": url,
         "study": name,
