@@ -131,8 +131,10 @@ def run_trained(
     study = create_queue(storage, STUDY, job_cfg, list(jobs.values()), out_dir / "jobs")
     start = time.perf_counter()
     work_off(study, url, workers, aff.heartbeat, aff.grace, cfg.train.threads, registry)
-    results = job_results(study)
-    seconds = job_seconds(study)
+    # the study may hold other runs' jobs too (pairwise then subsets on one folder): only the
+    # networks these methods use are counted, whoever trained them and when
+    results = {k: v for k, v in job_results(study).items() if k in jobs}
+    seconds = job_seconds(study, set(jobs))
     steps = sum(len(NetworkJob.from_key(k).tasks) * aff.trained_steps_per_task for k in results)
     cost = {
         "wall_seconds": time.perf_counter() - start,

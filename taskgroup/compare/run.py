@@ -223,7 +223,7 @@ def run_compare(
             "wall_seconds": time.perf_counter() - start,
             "networks": len(jobs),
             "networks_trained_here": trained,
-            "training_seconds_all_attempts": job_seconds(study),
+            "training_seconds_all_attempts": job_seconds(study, {j.key for j in jobs}),
             "workers": workers,
         },
     }

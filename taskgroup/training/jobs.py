@@ -201,9 +201,13 @@ def work_off(
     return finished
 
 
-def job_seconds(study: optuna.Study) -> float:
-    """Training seconds spent on the study's jobs (all attempts that finished)."""
-    return sum(float(t.user_attrs.get("seconds", 0.0)) for t in study.get_trials(deepcopy=False))
+def job_seconds(study: optuna.Study, keys: set[str] | None = None) -> float:
+    """Training seconds spent on the study's jobs (all attempts that finished), or on ``keys``."""
+    return sum(
+        float(t.user_attrs.get("seconds", 0.0))
+        for t in study.get_trials(deepcopy=False)
+        if keys is None or t.user_attrs.get(JOB) in keys
+    )
 
 
 def _job_of(trial: optuna.trial.FrozenTrial) -> NetworkJob | None:
