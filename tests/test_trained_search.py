@@ -105,7 +105,8 @@ def test_search_command_adds_the_trained_proposal(tiny_synth, registry, tmp_path
     matrix_frame(matrix, TASKS).to_csv(run / "gradient" / "matrix.csv")
     result = run_search(cfg.search, registry, tmp_path / "search", [run], run_cfg=cfg)
     meta = json.loads((tmp_path / "search" / "meta.json").read_text())
-    assert meta["trained"]["trials"] == 3 and meta["best"]["trained"]["name"] == "trained-optuna"
+    assert meta["trained"]["trials"] == 3 and meta["trained"]["pruned"] == 0  # pruner "none"
+    assert meta["best"]["trained"]["name"] == "trained-optuna"
     trained = next(p for p in result.proposals if p.method == "optuna-trained")
     assert np.isfinite(trained.mean) and meta["trained"]["networks_trained"] >= len(TASKS)
     grouping = load_grouping(tmp_path / "search" / "proposals" / "trained-optuna.yaml", registry)

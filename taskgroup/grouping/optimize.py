@@ -62,6 +62,7 @@ class OptunaResult:
     pareto: list[tuple[float, int, tuple[tuple[str, ...], ...]]]  # (gain, networks, groups)
     trials: int
     distinct: int  # distinct partitions evaluated
+    pruned: int = 0  # trials stopped by the pruner (trained objective)
 
 
 def _objective(predictor: GainPredictor, tasks: Sequence[str], max_groups: int, multi: bool):

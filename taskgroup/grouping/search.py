@@ -312,6 +312,7 @@ def search_trained(
     )
     info = {
         "trials": result.trials,
+        "pruned": result.pruned,
         "distinct_partitions": result.distinct,
         "best_value": result.best_value,
         "networks_trained": gains.trained,

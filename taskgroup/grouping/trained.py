@@ -164,4 +164,5 @@ def trained_search(
         [(float(best.value), len(groups_of(best)), groups_of(best))],
         len(complete),
         len({groups_of(t) for t in complete}),
+        sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
     )
