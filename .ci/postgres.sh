@@ -10,8 +10,8 @@ fi
 PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 PG_DIR=$(mktemp -d /tmp/taskgroup-pg.XXXXXX)
 PG_PORT=${TASKGROUP_PG_PORT:-55432}
-as_pg() {
-    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+as_pg() {  # from / : the postgres user may not enter the (private) clone folder
+    if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 if [ "$(id -u)" = 0 ]; then chown postgres "$PG_DIR"; fi
 as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -A trust -U postgres >/dev/null

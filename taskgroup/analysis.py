@@ -100,7 +100,8 @@ def size_correlation(received: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for method, g in received.groupby("method", sort=False):
         ok = g[np.isfinite(g["received"])]
-        rho, p = stats.spearmanr(ok["n_train"], ok["received"]) if len(ok) > 2 else (np.nan, np.nan)
+        varies = len(ok) > 2 and ok["n_train"].nunique() > 1 and ok["received"].nunique() > 1
+        rho, p = stats.spearmanr(ok["n_train"], ok["received"]) if varies else (np.nan, np.nan)
         rows.append({"method": method, "spearman": float(rho), "p": float(p), "tasks": len(ok)})
     return pd.DataFrame(rows)
 
@@ -159,7 +160,8 @@ def realised_agreement(study: StudyOutput, registry: TaskRegistry) -> pd.DataFra
             for r in g.itertuples(index=False):
                 predicted.append(served[r.task])
                 realised.append(r.gain)
-        rho, p = stats.spearmanr(predicted, realised) if len(predicted) > 2 else (np.nan, np.nan)
+        varies = len(predicted) > 2 and len(set(predicted)) > 1 and len(set(realised)) > 1
+        rho, p = stats.spearmanr(predicted, realised) if varies else (np.nan, np.nan)
         rows.append({"method": method, "spearman": float(rho), "p": float(p), "pairs": len(predicted)})
     return pd.DataFrame(rows)
 

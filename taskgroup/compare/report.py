@@ -227,7 +227,8 @@ def negative_transfer(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     corr = []
     for grouping, g in rows.groupby("grouping", sort=False):
         ok = g[np.isfinite(g["gain"])]
-        rho = stats.spearmanr(ok["n_train"], ok["gain"]).statistic if len(ok) > 2 else math.nan
+        varies = len(ok) > 2 and ok["n_train"].nunique() > 1 and ok["gain"].nunique() > 1
+        rho = stats.spearmanr(ok["n_train"], ok["gain"]).statistic if varies else math.nan
         corr.append(
             {
                 "grouping": grouping,
