@@ -32,6 +32,7 @@ from taskgroup.config import SearchConfig
 from taskgroup.errors import ConfigError
 from taskgroup.grouping.predict import GainPredictor
 from taskgroup.groupings import load_grouping
+from taskgroup.plotting import pyplot, symmetric_limit
 from taskgroup.tasks import TaskRegistry
 
 
@@ -189,23 +190,18 @@ def estimator_cost(study: StudyOutput) -> pd.DataFrame:
 # -- figures -----------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _panels(table: pd.DataFrame, width: float, height: float):
+    """A figure with one panel per estimator (``method`` column) in a row: (figure, [(axes, method)])."""
+    methods = list(dict.fromkeys(table["method"]))
+    columns = max(len(methods), 1)
+    fig, axes = pyplot().subplots(1, columns, figsize=(width * columns, height), squeeze=False)
+    return fig, list(zip(axes[0], methods, strict=False))
 
 
 def plot_received(received: pd.DataFrame):
     """Received transfer vs training-set size, one panel per estimator."""
-    plt = _pyplot()
-    methods = list(dict.fromkeys(received["method"]))
-    fig, axes = plt.subplots(
-        1, max(len(methods), 1), figsize=(4.2 * max(len(methods), 1), 3.6), squeeze=False
-    )
-    for ax, method in zip(axes[0], methods, strict=False):
+    fig, panels = _panels(received, 4.2, 3.6)
+    for ax, method in panels:
         g = received[received["method"] == method]
         for k, (kind, part) in enumerate(g.groupby("type")):
             ax.scatter(part["n_train"], part["received"], color=f"C{k}", label=kind, s=22)
@@ -221,16 +217,12 @@ def plot_received(received: pd.DataFrame):
 
 def plot_type_sensitivity(table: pd.DataFrame):
     """Mean affinity per (source type, target type), one panel per estimator."""
-    plt = _pyplot()
-    methods = list(dict.fromkeys(table["method"]))
-    fig, axes = plt.subplots(
-        1, max(len(methods), 1), figsize=(3.6 * max(len(methods), 1), 3.2), squeeze=False
-    )
-    for ax, method in zip(axes[0], methods, strict=False):
+    fig, panels = _panels(table, 3.6, 3.2)
+    for ax, method in panels:
         grid = table[table["method"] == method].pivot(
             index="source_type", columns="target_type", values="mean"
         )
-        limit = np.nanmax(np.abs(grid.to_numpy(float))) if np.isfinite(grid.to_numpy(float)).any() else 1.0
+        limit = symmetric_limit(grid)
         image = ax.imshow(grid.to_numpy(float), cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_xticks(range(grid.shape[1]), grid.columns)
         ax.set_yticks(range(grid.shape[0]), grid.index)
@@ -249,5 +241,5 @@ def to_png(fig) -> bytes:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()

@@ -29,6 +29,7 @@ studies and every compare network are reused).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -41,6 +42,8 @@ from rich.console import Console
 
 from taskgroup.config import from_mapping, load_run_config, load_yaml
 from taskgroup.errors import ConfigError, did_you_mean
+from taskgroup.groupings import BUILTIN
+from taskgroup.plotting import pyplot
 from taskgroup.tasks import load_registry
 
 Stage = Literal["affinity", "search", "compare"]
@@ -157,50 +160,54 @@ def run_study(
         sweep = dataclasses.replace(sweep, values=chosen.sweep_values or sweep.values)
         points = [(v, out / f"{sweep.key}={v:g}") for v in sweep.values]
     registry = None
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        """A stage under a rule on the terminal, its wall time kept in ``seconds``."""
+        start = time.perf_counter()
+        console.rule(name.replace("/", ": "))
+        yield
+        seconds[name] = time.perf_counter() - start
+
     for value, folder in points:
         point = [*base, *([f"{sweep.key}={value}"] if sweep is not None else [])]
         label = folder.name if value is not None else study.name
 
-        def cfg_for(stage: str, *extra: str, point=point):
-            return load_run_config(config, [*point, *getattr(study, stage), *getattr(chosen, stage), *extra])
+        def cfg_for(section: str, *extra: str, point=point):
+            return load_run_config(
+                config, [*point, *getattr(study, section), *getattr(chosen, section), *extra]
+            )
 
         registry = registry or load_registry(cfg_for("compare").registry)
         if "affinity" in study.stages:
-            start = time.perf_counter()
-            console.rule(f"{label}: affinity")
-            run_affinity(
-                cfg_for("affinity"), folder / "affinity", tasks, registry, chosen.workers, console=console
-            )
-            seconds[f"{label}/affinity"] = time.perf_counter() - start
+            with stage(f"{label}/affinity"):
+                run_affinity(
+                    cfg_for("affinity"), folder / "affinity", tasks, registry, chosen.workers, console=console
+                )
         if "search" in study.stages:
-            start = time.perf_counter()
-            console.rule(f"{label}: search")
-            search_cfg = cfg_for("search")
-            run_search(
-                search_cfg.search,
-                registry,
-                folder / "search",
-                [folder / "affinity"],
-                console=console,
-                run_cfg=search_cfg,
-            )
-            seconds[f"{label}/search"] = time.perf_counter() - start
+            with stage(f"{label}/search"):
+                search_cfg = cfg_for("search")
+                run_search(
+                    search_cfg.search,
+                    registry,
+                    folder / "search",
+                    [folder / "affinity"],
+                    console=console,
+                    run_cfg=search_cfg,
+                )
         if "compare" in study.stages:
-            start = time.perf_counter()
-            console.rule(f"{label}: compare")
-            groupings: list[str] = []
-            for g in study.compare_groupings:
-                if g in (BEST, BEST_PARTITION):
-                    groupings += [
-                        f for f in best_groupings(folder / "search", g.split(":")[1]) if f not in groupings
-                    ]
-                elif g in ("ts", "cg", "au"):
-                    groupings.append(g)
-                else:
-                    groupings.append(_resolve(path, g))
-            cfg = cfg_for("compare", f"compare.groupings={json.dumps(groupings)}")
-            run_compare(cfg, folder / "compare", registry, tasks, chosen.workers, console=console)
-            seconds[f"{label}/compare"] = time.perf_counter() - start
+            with stage(f"{label}/compare"):
+                groupings: list[str] = []
+                for g in study.compare_groupings:
+                    if g in (BEST, BEST_PARTITION):
+                        found = best_groupings(folder / "search", g.split(":")[1])
+                        groupings += [f for f in found if f not in groupings]
+                    elif g in BUILTIN:
+                        groupings.append(g)
+                    else:
+                        groupings.append(_resolve(path, g))
+                cfg = cfg_for("compare", f"compare.groupings={json.dumps(groupings)}")
+                run_compare(cfg, folder / "compare", registry, tasks, chosen.workers, console=console)
     if sweep is not None and "compare" in study.stages:
         sweep_summary(out, sweep, [f for _, f in points])
     meta = {**record, "name": study.name, "stages": list(study.stages), "seconds": seconds}
@@ -214,7 +221,7 @@ def run_study(
 def _sweep_label(grouping: str) -> str:
     """A grouping's label across swept values: a proposal's name changes with the value, its
     estimator (the name's prefix) and kind (a selection or a partition) do not."""
-    if grouping in ("ts", "cg", "au"):
+    if grouping in BUILTIN:
         return grouping
     kind = "best" if "-select-" in grouping else "best partition"
     return f"{kind} ({grouping.split('-')[0]})"
@@ -233,11 +240,7 @@ def sweep_summary(out: Path, sweep: SweepConfig, folders: list[Path]) -> pd.Data
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(out / "sweep.csv", index=False)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     overall = table[table["scope"] == "all"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, (grouping, g) in enumerate(overall.groupby("grouping", sort=False)):

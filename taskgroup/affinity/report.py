@@ -25,6 +25,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from taskgroup.plotting import pyplot, symmetric_limit
 from taskgroup.tasks import TaskRegistry
 
 CORNER = "source \\ target"
@@ -73,8 +74,7 @@ def plot_heatmap(
     tasks), ordered group by group (clustered inside each) with every group boxed."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     order = cluster_order(matrix)
     if boxes:
@@ -84,7 +84,7 @@ def plot_heatmap(
     names = [tasks[k] for k in order]
     shown = matrix[np.ix_(order, order)].astype(float).copy()
     np.fill_diagonal(shown, np.nan)
-    limit = np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else 1.0
+    limit = symmetric_limit(shown)
     n = len(names)
     fig, ax = plt.subplots(figsize=(3 + 0.32 * n, 2.5 + 0.32 * n))
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.8")

@@ -37,6 +37,7 @@ from scipy import stats
 
 from taskgroup.groupings import Grouping
 from taskgroup.metrics.summary import relative_gain
+from taskgroup.plotting import pyplot, symmetric_limit
 from taskgroup.tasks import TaskRegistry
 
 REFERENCE = "ts"
@@ -58,9 +59,15 @@ GROUP_COLUMNS = [
 ]
 
 
+def _finite(values: Sequence[float]) -> np.ndarray:
+    """The finite values (a gain undefined for some task or seed is left out of every statistic)."""
+    x = np.asarray(values, dtype=float)
+    return x[np.isfinite(x)]
+
+
 def t_interval(values: Sequence[float], confidence: float) -> tuple[float, float]:
     """Student-t interval of the mean of the finite ``values`` (NaN with fewer than 2)."""
-    x = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    x = _finite(values)
     if len(x) < 2:
         return math.nan, math.nan
     se = x.std(ddof=1) / math.sqrt(len(x))
@@ -71,22 +78,22 @@ def t_interval(values: Sequence[float], confidence: float) -> tuple[float, float
 
 
 def p_ttest(values: Sequence[float]) -> float:
-    x = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    x = _finite(values)
     if len(x) < 2 or x.std(ddof=1) == 0:
         return math.nan
     return float(stats.ttest_1samp(x, 0.0).pvalue)
 
 
 def p_wilcoxon(values: Sequence[float]) -> float:
-    x = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    x = _finite(values)
     if len(x) < 2 or not np.any(x != 0):
         return math.nan
     return float(stats.wilcoxon(x).pvalue)
 
 
 def _mean(values: Sequence[float]) -> float:
-    x = [v for v in values if np.isfinite(v)]
-    return float(np.mean(x)) if x else math.nan
+    x = _finite(values)
+    return float(x.mean()) if len(x) else math.nan
 
 
 def floored_gain(value: float, reference: float, higher_is_better: bool, floor: float) -> float:
@@ -244,17 +251,8 @@ def negative_transfer(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 # -- plots -------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_delta_m(frame: pd.DataFrame, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(dict.fromkeys(zip(frame["scope"], frame["name"], strict=True)))
     groupings = list(dict.fromkeys(frame["grouping"]))
     width = 0.8 / max(len(groupings), 1)
@@ -264,9 +262,10 @@ def plot_delta_m(frame: pd.DataFrame, path: Path) -> None:
         g = frame[frame["grouping"] == grouping].set_index(["scope", "name"]).reindex(labels)
         mean = g["delta_m"].to_numpy(float)
         err = np.vstack([mean - g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float) - mean])
-        ax.bar(x + (k - (len(groupings) - 1) / 2) * width, mean, width, label=grouping)
+        at = x + (k - (len(groupings) - 1) / 2) * width
+        ax.bar(at, mean, width, label=grouping)
         ax.errorbar(
-            x + (k - (len(groupings) - 1) / 2) * width,
+            at,
             mean,
             yerr=np.nan_to_num(err),
             fmt="none",
@@ -285,13 +284,13 @@ def plot_delta_m(frame: pd.DataFrame, path: Path) -> None:
 
 
 def plot_gains(table: pd.DataFrame, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     part = table[table["grouping"] != REFERENCE]
     grid = part.pivot(index="task", columns="grouping", values="gain")
     sizes = part.drop_duplicates("task").set_index("task")["n_train"]
     grid = grid.loc[sizes.sort_values().index, list(dict.fromkeys(part["grouping"]))]
     fig, ax = plt.subplots(figsize=(2 + 1.1 * grid.shape[1], 1.5 + 0.28 * grid.shape[0]))
-    limit = np.nanmax(np.abs(grid.to_numpy(float))) if np.isfinite(grid.to_numpy(float)).any() else 1.0
+    limit = symmetric_limit(grid)
     image = ax.imshow(grid.to_numpy(float), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right")
     ax.set_yticks(range(grid.shape[0]), [f"{t} ({sizes[t]})" for t in grid.index], fontsize=7)
@@ -303,7 +302,7 @@ def plot_gains(table: pd.DataFrame, path: Path) -> None:
 
 
 def plot_negative(rows: pd.DataFrame, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -42,7 +42,7 @@ from taskgroup.training.jobs import (
     storage_for,
     work_off,
 )
-from taskgroup.training.run import NETWORK_SECTIONS, safe_name
+from taskgroup.training.run import network_config, safe_name
 
 
 @dataclasses.dataclass
@@ -115,7 +115,7 @@ def compare_jobs(groupings: Sequence[Grouping], seeds: Sequence[int]) -> list[Ne
 
 def study_name(cfg: RunConfig) -> str:
     """One queue per network config: networks of equal config are shared by compare runs."""
-    return "compare-" + config_hash({k: v for k, v in to_mapping(cfg).items() if k in NETWORK_SECTIONS})
+    return "compare-" + config_hash(network_config(cfg))
 
 
 def _selected(entry: Mapping[str, Any], task: str, registry: TaskRegistry, select: str) -> float:

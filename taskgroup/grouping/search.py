@@ -38,7 +38,8 @@ from taskgroup.grouping.optimize import local_search, optuna_search
 from taskgroup.grouping.partition import propose_partitions
 from taskgroup.grouping.predict import GainPredictor
 from taskgroup.grouping.select import Candidate, select_milp
-from taskgroup.groupings import BUILTIN, Grouping
+from taskgroup.groupings import BUILTIN, Grouping, builtin_grouping
+from taskgroup.plotting import pyplot
 from taskgroup.tasks import TaskRegistry
 
 REFERENCES = BUILTIN  # TS, CG and AU: scored by the same predictor, never proposed
@@ -184,10 +185,14 @@ def _proposal(name, method, estimator, groups, predictor, params="") -> Proposal
     )
 
 
+def clinical_groups(registry: TaskRegistry, tasks: Sequence[str]) -> list[tuple[str, ...]]:
+    """The CG paradigm's groups cut to ``tasks`` (groups left empty dropped)."""
+    return list(builtin_grouping("cg", registry).restrict(tasks).groups.values())
+
+
 def baselines(predictor: GainPredictor, registry: TaskRegistry, estimator: str) -> list[Proposal]:
     tasks = list(predictor.tasks)
-    cg = [tuple(t for t in ids if t in tasks) for ids in registry.clinical_groups.values()]
-    cg = [g for g in cg if g]
+    cg = clinical_groups(registry, tasks)
     return [
         _proposal("ts", "ts", estimator, [(t,) for t in tasks], predictor),
         _proposal("cg", "cg", estimator, cg, predictor),
@@ -213,11 +218,8 @@ def search_estimator(
             name = f"{prefix}-{p.method}" + (f"-{params.replace('=', '')}" if params else "")
             proposals.append(_proposal(_safe(name), p.method, estimator, p.groups, predictor, params))
     if "select" in cfg.methods:
-        extra = [ids for ids in registry.clinical_groups.values()] + [tasks]
-        extra = [tuple(t for t in g if t in tasks) for g in extra]
-        pool = generate_candidates(
-            predictor, partitions, cfg.pairs, cfg.triples, [g for g in extra if g], cfg.seed
-        )
+        extra = [*clinical_groups(registry, tasks), tuple(tasks)]  # the CG networks and AU
+        pool = generate_candidates(predictor, partitions, cfg.pairs, cfg.triples, extra, cfg.seed)
         info["pool"] = {"candidates": len(pool), "by_origin": pool_summary(pool)}
         for budget in cfg.budgets:
             start = time.perf_counter()
@@ -365,10 +367,7 @@ def ranking_frame(
 
 
 def plot_pareto(proposals: Sequence[Proposal], pareto, estimator: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if pareto:
@@ -474,9 +473,8 @@ def run_search(
             raise ConfigError("search.trained_trials needs the run config (model, data, train) to train with")
         t0 = time.perf_counter()
         starts = [p.groups for p in best_proposals([p for p in proposals if p.is_partition], 0.0).values()]
-        cg = [tuple(t for t in ids if t in tasks) for ids in registry.clinical_groups.values()]
         trained, info = search_trained(
-            run_cfg, registry, tasks, out, storage, [*starts, [g for g in cg if g]]
+            run_cfg, registry, tasks, out, storage, [*starts, clinical_groups(registry, tasks)]
         )
         proposals.append(trained)
         meta["trained"] = {**info, "seconds": time.perf_counter() - t0}

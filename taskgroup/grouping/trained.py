@@ -29,7 +29,7 @@ from taskgroup.grouping.optimize import OptunaResult, decode, encode
 from taskgroup.metrics.summary import relative_gain
 from taskgroup.tasks import TaskRegistry
 from taskgroup.training.data import TrainingData, prepare_data
-from taskgroup.training.run import final_scores, network_hash, safe_name, train_network
+from taskgroup.training.run import final_scores, network_folder, train_network
 
 PRUNERS = ("median", "successive_halving", "none")
 
@@ -70,7 +70,7 @@ class TrainedGains:
         key = tuple(sorted(group))
         if key not in self._scores:
             name = "+".join(key)
-            folder = self.work_dir / "networks" / f"{safe_name(name)[:80]}-{network_hash(self.cfg, key)}"
+            folder = network_folder(self.work_dir, name, self.cfg, key)
             done = (folder / "done.json").exists()
             train_network(self.cfg, self.registry, key, folder, name, self._data())
             self.trained += not done

@@ -40,7 +40,7 @@ import optuna
 from taskgroup.config import RunConfig, from_mapping, to_mapping
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training.data import TrainingData, prepare_data
-from taskgroup.training.run import final_scores, network_hash, safe_name, train_network
+from taskgroup.training.run import final_scores, network_folder, train_network
 
 log = logging.getLogger("taskgroup")
 
@@ -116,7 +116,7 @@ class Worker:
 
     def network_dir(self, job: NetworkJob) -> Path:
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, seed=job.seed))
-        return self.work_dir / "networks" / f"{safe_name(job.key)[:80]}-{network_hash(cfg, job.tasks)}"
+        return network_folder(self.work_dir, job.key, cfg, job.tasks)
 
     def _training_data(self) -> TrainingData:
         if self._data is None:  # every task of the study's jobs, prepared once per worker

@@ -78,12 +78,21 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", name)
 
 
+def network_config(cfg: RunConfig) -> dict[str, Any]:
+    """The part of a run config a trained network depends on: model, data, training and registry
+    (not the sections that only say what is measured, searched or compared around trainings)."""
+    return {k: v for k, v in to_mapping(cfg).items() if k in NETWORK_SECTIONS}
+
+
 def network_hash(cfg: RunConfig, tasks: Sequence[str]) -> str:
-    """What a network's results depend on: the run config's model, data, training and registry
-    (not the sections that only say what is measured or searched around trainings) and its task
-    set."""
-    plain = {k: v for k, v in to_mapping(cfg).items() if k in NETWORK_SECTIONS}
-    return config_hash({"config": plain, "tasks": sorted(tasks)})
+    """What a network's results depend on: its network config and its task set."""
+    return config_hash({"config": network_config(cfg), "tasks": sorted(tasks)})
+
+
+def network_folder(work_dir: Path, name: str, cfg: RunConfig, tasks: Sequence[str]) -> Path:
+    """Where a shared work folder keeps the network of ``tasks`` under ``cfg``: its readable name
+    and the hash of what it depends on, so two configs never share a folder."""
+    return Path(work_dir) / "networks" / f"{safe_name(name)[:80]}-{network_hash(cfg, tasks)}"
 
 
 def train_network(
