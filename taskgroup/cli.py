@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from taskgroup.config import AFFINITY_METHODS
 from taskgroup.data.fmuia import find_roots, load_index
 from taskgroup.data.submission import read_predictions
 from taskgroup.data.synthetic import SCALES, generate
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "affinity",
-        help="measure inter-task affinity (lookahead, gradient, pairwise, subsets) into 27x27 matrices",
+        help="measure inter-task affinity (lookahead, gradient, readout, pairwise, subsets) into 27x27 matrices",
     )
     p.add_argument(
         "--data", type=Path, default=None, help="FM_UIA root (default: the embedded synthetic benchmark)"
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         nargs="+",
         default=None,
-        choices=["lookahead", "gradient", "pairwise", "subsets"],
+        choices=list(AFFINITY_METHODS),
         help="estimators (default: the config's affinity.methods, lookahead and gradient)",
     )
     p.add_argument("--tasks", nargs="+", default=None, help="measure on these tasks only (default: all)")

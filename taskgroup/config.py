@@ -281,7 +281,7 @@ class TrainConfig:
         return self.steps if self.steps is not None else self.steps_per_task * num_tasks
 
 
-AFFINITY_METHODS = ("lookahead", "gradient", "pairwise", "subsets")
+AFFINITY_METHODS = ("lookahead", "gradient", "readout", "pairwise", "subsets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +293,9 @@ class AffinityConfig:
     of ``steps_per_task`` steps per task (None: ``train.steps_per_task``), each on a fresh batch of
     ``probe_batch`` images per task (None: ``data.batch_size``). ``blocks``: measure on the
     shared parameters of the last N encoder blocks only (0: all shared parameters).
+    ``readout`` is read at the end of that training on ``readout_batches`` batches per task.
+    ``runs``: the probe training is repeated with seeds ``train.seed``, ``train.seed + 1``, ...
+    and every probe method averages its matrices over the runs.
     ``correction``: how the task-type confound is removed from the gradient-based matrices
     (see :mod:`taskgroup.affinity.corrections`). Trained estimators (``pairwise``, ``subsets``)
     run networks of ``trained_steps_per_task`` steps per task as jobs of an Optuna study on
@@ -303,6 +306,8 @@ class AffinityConfig:
     lookahead_every: int | None = None
     probe_batch: int | None = None
     blocks: int = 0
+    readout_batches: int = 4
+    runs: int = 1
     correction: Literal["none", "type_centre", "type_scale"] = "type_centre"
     steps_per_task: int | None = None
     trained_steps_per_task: int = 60
@@ -319,6 +324,10 @@ class AffinityConfig:
         if self.every < 1 or (self.lookahead_every is not None and self.lookahead_every < 1):
             raise ValueError(
                 f"every and lookahead_every must be at least 1, got {self.every}, {self.lookahead_every}"
+            )
+        if self.runs < 1 or self.readout_batches < 1:
+            raise ValueError(
+                f"runs and readout_batches must be at least 1, got {self.runs}, {self.readout_batches}"
             )
 
 

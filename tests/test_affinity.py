@@ -28,6 +28,7 @@ from taskgroup.affinity import (
     subset_jobs,
     subsets_matrix,
 )
+from taskgroup.affinity.probes import readout_similarity
 from taskgroup.affinity.report import planted_separation
 from taskgroup.losses import task_loss
 from taskgroup.models import build_model
@@ -224,6 +225,77 @@ def test_affinity_run_writes_labelled_outputs(tiny_synth, registry, tmp_path):
     )
 
 
+def test_readout_similarity_by_hand():
+    # divided by their means: [1.5, .75, .75] twice and [.75, .75, 1.5]; centred by the mean
+    # profile [1.25, .75, 1]: [.25, 0, -.25] twice and [-.5, 0, .5]
+    profiles = np.array([[2.0, 1.0, 1.0], [4.0, 2.0, 2.0], [1.0, 1.0, 2.0]])
+    expected = np.array([[1.0, 1.0, -1.0], [1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    assert np.allclose(readout_similarity(profiles), expected)
+    with_silent = readout_similarity(np.vstack([profiles, np.zeros(3)]))
+    assert np.isnan(with_silent[3]).all() and np.isnan(with_silent[:, 3]).all()
+    assert np.allclose(with_silent[:3, :3], expected)  # a silent head does not shift the others
+
+
+class ManualReadout(Callback):
+    """At the end of training, redoes the readout profile of task 0 by hand."""
+
+    def __init__(self, batch: int, batches: int) -> None:
+        self.batch, self.batches, self.profile = batch, batches, None
+
+    def on_train_end(self, engine) -> None:
+        task = next(iter(engine.tasks))
+        engine.model.eval()
+        total = torch.zeros(engine.model.heads[task].decoder[0].in_channels, dtype=torch.float64)
+        for k in range(self.batches):
+            b = engine.probe_batch(task, salt=100 + k, size=self.batch)
+            features = engine.model.features(b.images, task).detach().requires_grad_(True)
+            loss = task_loss(
+                engine.tasks[task], engine.model.heads[task](features), b.targets, engine.data_cfg.image_size
+            )
+            (grad,) = torch.autograd.grad(loss, features)
+            total += (features * grad).detach().abs().mean(dim=(0, 2, 3)).double()
+        engine.model.train()
+        self.profile = (total / self.batches).numpy()
+
+
+def test_readout_profile_is_gradient_times_feature_per_channel(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    data = prepare_data(cfg.data, registry, TASKS)
+    probe = AffinityProbe(
+        every=100, lookahead=False, gradient=False, batch=4, readout=True, readout_batches=2
+    )
+    manual = ManualReadout(batch=4, batches=2)
+    train_network(cfg, registry, TASKS, tmp_path / "run", "n", data, [probe, manual])
+    assert TASKS[0] == "breast_lesion"  # a segmentation head: its first layer reads the feature map
+    assert np.allclose(probe.profiles[0], manual.profile, rtol=1e-5)
+    assert probe.profiles.shape == (len(TASKS), len(manual.profile)) and (probe.profiles > 0).all()
+    assert probe.steps["readout"] == [4] and "cosine" not in probe.values  # once, at the end
+    assert np.allclose(probe.matrices()["readout"], readout_similarity(probe.profiles))
+
+
+def test_readout_averages_its_runs(tiny_synth, registry, tmp_path):
+    import dataclasses
+
+    from taskgroup.config import AffinityConfig
+
+    cfg = tiny_config(tiny_synth, steps=None, steps_per_task=2, eval_every=100, checkpoint_every=100)
+    aff = AffinityConfig(methods=("readout",), probe_batch=4, readout_batches=1, runs=2)
+    cfg = dataclasses.replace(cfg, affinity=aff)
+    result = run_affinity(cfg, tmp_path / "aff", TASKS, registry)
+    folder = tmp_path / "aff" / "readout"
+    runs = [
+        pd.read_csv(folder / name, index_col="task").values for name in ("profiles.csv", "profiles_1.csv")
+    ]
+    assert not np.allclose(runs[0], runs[1])  # two seeds, two trainings
+    assert (tmp_path / "aff" / "probe_run_1" / "done.json").exists()
+    mean = (readout_similarity(runs[0]) + readout_similarity(runs[1])) / 2
+    types = [registry[t].kind.short for t in TASKS]
+    assert np.allclose(result.matrices["readout"], correct(mean, types, "type_centre"))
+    meta = __import__("json").loads((folder / "meta.json").read_text())
+    assert meta["runs"] == 2 and meta["cost"]["trainings"] == 2 and meta["cost"]["training_steps"] == 16
+    assert sorted(pd.read_parquet(folder / "long.parquet").run.unique()) == [0, 1]
+
+
 # -- the job queue ------------------------------------------------------------------------------
 
 
@@ -271,7 +343,8 @@ def test_pairwise_with_two_workers_survives_a_killed_worker(tiny_synth, registry
 def test_probes_see_the_planted_groups_on_a_subset(tiny_synth, registry, tmp_path):
     """Six segmentation tasks, two per planted group (one type, so head type cannot stand in for
     the group), a from-scratch tiny model: within-group affinity is above across-group affinity
-    for both probes (the 27-task figures, from the tiny default, are in the README)."""
+    for both probes (the 27-task figures, from the tiny default, are in the README; the readout
+    needs a pretrained encoder, see the next test)."""
     import dataclasses
 
     from taskgroup.config import AffinityConfig
@@ -307,3 +380,25 @@ def test_pairwise_sees_the_planted_groups_on_a_subset(default_cache, registry, t
     assert np.isfinite(matrix).all()
     sep = planted_separation(matrix, planted_labels(tasks))
     assert sep["within"] > sep["across"], sep
+
+
+@pytest.mark.slow
+def test_readout_sees_the_planted_groups_clearly(default_cache, registry, tmp_path):
+    """Nine tasks, three per planted group with every head type (the README's agreement set), the
+    default config (synthetic-pretrained encoder), one run of 60 steps per task: the readout puts
+    the planted groups more than one across-pair standard deviation above the rest (measured:
+    +2.26 sd in 37 s; the gradient cosine gave +0.45 sd on these tasks with 90 probes)."""
+    import dataclasses
+
+    from fixtures import TINY_CONFIG
+
+    from taskgroup.config import load_run_config
+    from taskgroup.data.synthetic import planted_labels
+
+    tasks = ["breast_lesion", "thyroid_nodule_det", "fetal_sacral_pos_cls", "thyroid_nodule"]
+    tasks += ["liver_lesion_2cls", "FUGC", "fetal_head", "spinal_cord_injury_loc", "IUGC"]
+    cfg = load_run_config(TINY_CONFIG, [f"data.cache_dir={default_cache}", "affinity.steps_per_task=60"])
+    cfg = dataclasses.replace(cfg, affinity=dataclasses.replace(cfg.affinity, methods=("readout",)))
+    result = run_affinity(cfg, tmp_path / "aff", tasks, registry)
+    sep = planted_separation(result.matrices["readout"], planted_labels(tasks))
+    assert sep["gap_sd"] > 1.0, sep

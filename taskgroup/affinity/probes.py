@@ -17,6 +17,20 @@ task (each task's own images: in FM_UIA an image carries one task's label) and c
   divided by the learning rate of the step (the encoder's), so probes at different points of the
   schedule are comparable; the raw Z is kept too.
 
+And once, at the end of the training:
+
+- ``readout``: which channels of the shared feature map each task's head *uses*. For every task,
+  on ``readout_batches`` fresh batches of its own images, the attribution profile
+  ``a_t[c] = mean |F_c * dL_t/dF_c|`` over images and tokens of the feature map ``F`` (gradient
+  times input, per channel); each profile is divided by its mean, centred by the mean profile
+  over the tasks measured, and ``R[i, j]`` is the cosine of the profiles of ``i`` and ``j``
+  (symmetric). Gradient cosine and lookahead compare what two tasks would *change* in the
+  encoder, through heads that are still nearly random early on; the readout compares what the
+  trained heads *read*, which does not depend on the heads' own directions. A task-embedding
+  idea in the spirit of Task2Vec (Achille et al. 2019, Fisher information of a probe network),
+  written here because no installed library computes it. The run is repeated with
+  ``affinity.runs`` seeds and averaged (the heads' random starts are the readout's main noise).
+
 Convention everywhere: ``A[i, j]`` = effect of source ``i`` on target ``j``; positive = helps.
 Probes run in eval mode (no expert-load counting; the ViT has no dropout or batch norm, so the
 losses are those of training mode). The lookahead clips ``g_i`` to ``train.grad_clip`` as the
@@ -38,6 +52,7 @@ from taskgroup.training import Callback, Engine, StepOutput
 #: quantities recorded per probe, each a (tasks, tasks) matrix: source rows, target columns
 GRADIENT_QUANTITIES = ("cosine", "first_order", "conflict")
 LOOKAHEAD_QUANTITIES = ("lookahead", "lookahead_raw")
+READOUT_QUANTITIES = ("readout",)
 
 
 def probe_parameters(model: M2DINO, blocks: int = 0) -> list[nn.Parameter]:
@@ -64,13 +79,18 @@ class AffinityProbe(Callback):
         blocks: int = 0,
         batch: int | None = None,
         lookahead_every: int | None = None,
+        readout: bool = False,
+        readout_batches: int = 4,
     ) -> None:
-        if not (lookahead or gradient):
-            raise ValueError("an affinity probe needs lookahead, gradient or both")
+        if not (lookahead or gradient or readout):
+            raise ValueError("an affinity probe needs lookahead, gradient, readout or some of them")
         self.every = every
         self.lookahead_every = lookahead_every or every
         self.lookahead = lookahead
         self.gradient = gradient
+        self.readout = readout
+        self.readout_batches = readout_batches
+        self.profiles: np.ndarray | None = None  # (tasks, channels) readout profiles
         self.blocks = blocks
         self.batch = batch
         self.steps: dict[str, list[int]] = {}  # quantity -> steps it was probed at
@@ -80,19 +100,30 @@ class AffinityProbe(Callback):
 
     # -- state (checkpointed with the run: a resumed run keeps the probes already taken) -------
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "lr": self.lr, "values": self.values, "cost": self.cost}
+        return {
+            "steps": self.steps,
+            "lr": self.lr,
+            "values": self.values,
+            "cost": self.cost,
+            "profiles": self.profiles,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = {k: list(v) for k, v in state.get("steps", {}).items()}
         self.lr = {k: list(v) for k, v in state.get("lr", {}).items()}
         self.values = {k: list(v) for k, v in state.get("values", {}).items()}
         self.cost = dict(state.get("cost", self.cost))
+        self.profiles = state.get("profiles")
 
     def on_step_end(self, engine: Engine, output: StepOutput) -> None:
         gradient = self.gradient and output.step % self.every == 0
         lookahead = self.lookahead and output.step % self.lookahead_every == 0
         if gradient or lookahead:
             self.probe(engine, gradient=gradient, lookahead=lookahead)
+
+    def on_train_end(self, engine: Engine) -> None:
+        if self.readout:
+            self.read_out(engine)
 
     # -- the probe ----------------------------------------------------------------------------
     def _loss(self, engine: Engine, task: str, batch) -> torch.Tensor:
@@ -201,6 +232,34 @@ class AffinityProbe(Callback):
         model.zero_grad(set_to_none=True)
         return out
 
+    def read_out(self, engine: Engine) -> None:
+        """The readout profiles and their similarity now (see the module doc)."""
+        start = time.perf_counter()
+        model = engine.model
+        tasks = list(engine.tasks)
+        was_training = model.training
+        model.eval()
+        profiles = []
+        for task in tasks:
+            total = None
+            for salt in range(self.readout_batches):
+                batch = engine.probe_batch(task, salt=100 + salt, size=self.batch)
+                with engine._autocast():
+                    features = model.features(engine._images(batch), task).detach().requires_grad_(True)
+                    loss = engine.loss(task, model.heads[task](features), batch)
+                (grad,) = torch.autograd.grad(loss, features)
+                part = (features * grad).detach().abs().float().mean(dim=(0, 2, 3)).double().cpu()
+                total = part if total is None else total + part
+            profiles.append(total / self.readout_batches)
+        model.train(was_training)
+        self.profiles = torch.stack(profiles).numpy()
+        self.values["readout"] = [readout_similarity(self.profiles)]
+        self.steps["readout"] = [engine.step]
+        self.lr["readout"] = [float("nan")]
+        self.cost["forward"] += len(tasks) * self.readout_batches
+        self.cost["backward"] += len(tasks) * self.readout_batches
+        self.cost["seconds"] += time.perf_counter() - start
+
     # -- results ------------------------------------------------------------------------------
     def matrices(self) -> dict[str, np.ndarray]:
         """Each quantity averaged over the probes: (tasks, tasks), source rows."""
@@ -224,3 +283,16 @@ class AffinityProbe(Callback):
                             }
                         )
         return rows
+
+
+def readout_similarity(profiles: np.ndarray) -> np.ndarray:
+    """Cosine similarity of readout profiles (tasks, channels), each divided by its mean and
+    centred by the mean profile over the tasks (what every head reads says nothing about a
+    pair); a task whose head reads nothing (all zero) has NaN similarities."""
+    profiles = np.asarray(profiles, dtype=float)
+    scale = profiles.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        relative = profiles / np.where(scale > 0, scale, np.nan)
+        centred = relative - np.nanmean(relative, axis=0, keepdims=True)
+        unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    return unit @ unit.T

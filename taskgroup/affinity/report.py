@@ -6,8 +6,10 @@ Per method, a folder ``<out>/<method>/`` with:
   target (the first header cell says ``source \\ target``); the diagonal (a task on itself) is
   kept and listed in ``meta.json`` as excluded from every summary;
 - ``<quantity>.csv``: every other quantity measured (raw matrix, cosine, conflict rate ...);
-- ``long.parquet``: method, quantity, step, source, target, value (and ``diagonal``), per probe
-  or per trained job;
+- ``long.parquet``: method, quantity, step, source, target, value, lr, run (which probe run, for
+  ``affinity.runs`` > 1) and ``diagonal``, per probe or per trained job;
+- ``readout/profiles.csv`` (``profiles_<k>.csv`` for run k > 0): each task's readout profile over
+  the channels of the shared feature map;
 - ``heatmap.png``: the matrix ordered by hierarchical clustering (scipy, average linkage on the
   symmetrised matrix), with strips for clinical group and task type, the diagonal greyed;
 - ``meta.json``: the config, the convention, the correction, the cost actually spent.
@@ -121,7 +123,7 @@ def plot_heatmap(
 
 
 def long_frame(method: str, rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(list(rows), columns=["quantity", "step", "source", "target", "value", "lr"])
+    frame = pd.DataFrame(list(rows), columns=["quantity", "step", "source", "target", "value", "lr", "run"])
     frame.insert(0, "method", method)
     frame["diagonal"] = frame["source"] == frame["target"]
     return frame

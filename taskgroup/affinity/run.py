@@ -1,12 +1,13 @@
 """``taskgroup affinity``: measure inter-task affinity by several estimators into one run folder.
 
     <out>/config.yaml
-    <out>/probe_run/            the multi-task training the probes ran in (engine run folder)
+    <out>/probe_run/            the multi-task training the probes ran in (engine run folder;
+                                probe_run_1, ... for the further seeds of affinity.runs)
     <out>/jobs/                 networks of the trained estimators; <out>/jobs.db their queue
     <out>/<method>/             matrix.csv, long.parquet, heatmap.png, meta.json (see report.py)
 
-``lookahead`` and ``gradient`` share one real AU-style training of the given tasks with an
-:class:`AffinityProbe`; ``pairwise`` and ``subsets`` queue their networks on one Optuna study
+``lookahead``, ``gradient`` and ``readout`` share one real AU-style training of the given tasks
+with an :class:`AffinityProbe` (repeated over ``affinity.runs`` seeds and averaged); ``pairwise`` and ``subsets`` queue their networks on one Optuna study
 (single-task networks shared) and run ``workers`` local worker processes on it; more machines
 join with ``taskgroup worker --storage URL --study NAME``.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from rich.console import Console
@@ -46,7 +48,7 @@ from taskgroup.training.jobs import (
 
 log = logging.getLogger("taskgroup")
 
-PROBE_METHODS = ("lookahead", "gradient")
+PROBE_METHODS = ("lookahead", "gradient", "readout")
 TRAINED_METHODS = ("pairwise", "subsets")
 STUDY = "affinity"
 
@@ -69,43 +71,60 @@ def _separation(matrix: np.ndarray, tasks: Sequence[str], synthetic: bool) -> di
 
 def run_probes(
     cfg: RunConfig, registry: TaskRegistry, tasks: list[str], out_dir: Path, console: Console
-) -> tuple[AffinityProbe, dict[str, Any]]:
-    """One multi-task training of ``tasks`` with the probes; resumes, reuses a finished run."""
+) -> tuple[list[AffinityProbe], dict[str, Any]]:
+    """``affinity.runs`` multi-task trainings of ``tasks`` with the probes (seeds ``train.seed``,
+    ``train.seed + 1``, ...; folders ``probe_run``, ``probe_run_1``, ...); each resumes, and a
+    finished one is reused."""
     aff = cfg.affinity
-    train = dataclasses.replace(cfg.train, steps_per_task=aff.steps_per_task or cfg.train.steps_per_task)
-    run_cfg = dataclasses.replace(cfg, train=train)
-    probe = AffinityProbe(
-        aff.every,
-        lookahead="lookahead" in aff.methods,
-        gradient="gradient" in aff.methods,
-        blocks=aff.blocks,
-        batch=aff.probe_batch,
-        lookahead_every=aff.lookahead_every,
-    )
-    run_dir = out_dir / "probe_run"
-    saved = run_dir / "probes.pt"
+    probes = []
     start = time.perf_counter()
-    if saved.exists():
-        probe.load_state_dict(torch.load(saved, weights_only=False))
-    else:
-        data = prepare_data(run_cfg.data, registry, tasks, report_dir=out_dir)
-        with ProgressCallback.make_progress(console) as progress:
-            train_network(run_cfg, registry, tasks, run_dir, "affinity", data, [probe], progress)
-        torch.save(probe.state_dict(), saved)
-    steps = train.total_steps(len(tasks))
+    for run in range(aff.runs):
+        train = dataclasses.replace(
+            cfg.train,
+            steps_per_task=aff.steps_per_task or cfg.train.steps_per_task,
+            seed=cfg.train.seed + run,
+        )
+        run_cfg = dataclasses.replace(cfg, train=train)
+        probe = AffinityProbe(
+            aff.every,
+            lookahead="lookahead" in aff.methods,
+            gradient="gradient" in aff.methods,
+            blocks=aff.blocks,
+            batch=aff.probe_batch,
+            lookahead_every=aff.lookahead_every,
+            readout="readout" in aff.methods,
+            readout_batches=aff.readout_batches,
+        )
+        run_dir = out_dir / ("probe_run" if run == 0 else f"probe_run_{run}")
+        saved = run_dir / "probes.pt"
+        if saved.exists():
+            probe.load_state_dict(torch.load(saved, weights_only=False))
+        else:
+            data = prepare_data(run_cfg.data, registry, tasks, report_dir=out_dir)
+            with ProgressCallback.make_progress(console) as progress:
+                train_network(run_cfg, registry, tasks, run_dir, "affinity", data, [probe], progress)
+            torch.save(probe.state_dict(), saved)
+        probes.append(probe)
+    steps = aff.runs * train.total_steps(len(tasks))
     cost = {
         "wall_seconds": time.perf_counter() - start,
         "training_steps": steps,
-        "probe_seconds": probe.cost["seconds"],
-        "probes": probe.cost["probes"],
+        "probe_seconds": sum(p.cost["seconds"] for p in probes),
+        "probes": sum(p.cost["probes"] for p in probes),
         "probe_every": aff.every,
         "lookahead_every": aff.lookahead_every or aff.every,
-        "forward_passes": steps + probe.cost["forward"],
-        "backward_passes": steps + probe.cost["backward"],
-        "lookahead_optimiser_steps": probe.cost["optimiser_steps"],
-        "trainings": 1,
+        "forward_passes": steps + sum(p.cost["forward"] for p in probes),
+        "backward_passes": steps + sum(p.cost["backward"] for p in probes),
+        "lookahead_optimiser_steps": sum(p.cost["optimiser_steps"] for p in probes),
+        "trainings": aff.runs,
     }
-    return probe, cost
+    return probes, cost
+
+
+def mean_over_runs(probes: Sequence[AffinityProbe]) -> dict[str, np.ndarray]:
+    """Each quantity averaged over the probes of each run, then over the runs."""
+    per_run = [p.matrices() for p in probes]
+    return {name: np.nanmean(np.stack([m[name] for m in per_run]), axis=0) for name in per_run[0]}
 
 
 def run_trained(
@@ -186,9 +205,9 @@ def run_affinity(
         print_summary(console, method, matrix, tasks, registry, separation=sep)
 
     if any(m in aff.methods for m in PROBE_METHODS):
-        probe, cost = run_probes(cfg, registry, tasks, out_dir, console)
-        mean = probe.matrices()
-        rows = probe.trajectory(tasks)
+        probes, cost = run_probes(cfg, registry, tasks, out_dir, console)
+        mean = mean_over_runs(probes)
+        rows = [{**row, "run": k} for k, probe in enumerate(probes) for row in probe.trajectory(tasks)]
         if "lookahead" in aff.methods:
             reported = correct(mean["lookahead"], types, aff.correction)
             report(
@@ -200,7 +219,8 @@ def run_affinity(
                     "correction": aff.correction,
                     "normalisation": "Z = 1 - L_j(after) / L_j(before), divided by the encoder learning rate "
                     "of its step (TAG); lookahead_raw.csv holds Z undivided",
-                    "averaged_over_probes": len(probe.steps.get("lookahead", [])),
+                    "averaged_over_probes": sum(len(p.steps.get("lookahead", [])) for p in probes),
+                    "runs": len(probes),
                 },
                 {"uncorrected": mean["lookahead"], "lookahead_raw": mean["lookahead_raw"]},
             )
@@ -215,7 +235,8 @@ def run_affinity(
                     "correction": aff.correction,
                     "reported": "cosine similarity of the per-task gradients on the shared parameters, "
                     "averaged over probes, then corrected",
-                    "averaged_over_probes": len(probe.steps.get("cosine", [])),
+                    "averaged_over_probes": sum(len(p.steps.get("cosine", [])) for p in probes),
+                    "runs": len(probes),
                     "quantities": {
                         "cosine": "cosine similarity (uncorrected)",
                         "first_order": "lr * <g_i, g_j> / L_j: first-order lookahead (plain SGD step)",
@@ -224,6 +245,28 @@ def run_affinity(
                 },
                 {"cosine": mean["cosine"], "first_order": mean["first_order"], "conflict": mean["conflict"]},
             )
+        if "readout" in aff.methods:
+            reported = correct(mean["readout"], types, aff.correction)
+            report(
+                "readout",
+                reported,
+                [r for r in rows if r["quantity"] == "readout"],
+                {
+                    "cost": cost,
+                    "correction": aff.correction,
+                    "reported": "cosine similarity of the tasks' readout profiles (mean |F * dL/dF| per "
+                    "channel of the shared feature map, at the end of the training), averaged over runs, "
+                    "then corrected",
+                    "readout_batches": aff.readout_batches,
+                    "runs": len(probes),
+                },
+                {"uncorrected": mean["readout"]},
+            )
+            for k, probe in enumerate(probes):
+                name = "profiles.csv" if k == 0 else f"profiles_{k}.csv"
+                frame = pd.DataFrame(probe.profiles, index=tasks)
+                frame.columns = [f"channel_{c}" for c in frame.columns]
+                frame.to_csv(folders["readout"] / name, index_label="task")
     if any(m in aff.methods for m in TRAINED_METHODS):
         results, cost = run_trained(cfg, registry, tasks, out_dir, workers)
         for method, build in (("pairwise", pairwise_matrix), ("subsets", subsets_matrix)):
