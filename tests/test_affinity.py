@@ -279,7 +279,7 @@ def test_readout_averages_its_runs(tiny_synth, registry, tmp_path):
     from taskgroup.config import AffinityConfig
 
     cfg = tiny_config(tiny_synth, steps=None, steps_per_task=2, eval_every=100, checkpoint_every=100)
-    aff = AffinityConfig(methods=("readout",), probe_batch=4, readout_batches=1, runs=2)
+    aff = AffinityConfig(methods=("gradient", "readout"), every=4, probe_batch=4, readout_batches=1, runs=2)
     cfg = dataclasses.replace(cfg, affinity=aff)
     result = run_affinity(cfg, tmp_path / "aff", TASKS, registry)
     folder = tmp_path / "aff" / "readout"
@@ -293,7 +293,11 @@ def test_readout_averages_its_runs(tiny_synth, registry, tmp_path):
     assert np.allclose(result.matrices["readout"], correct(mean, types, "type_centre"))
     meta = __import__("json").loads((folder / "meta.json").read_text())
     assert meta["runs"] == 2 and meta["cost"]["trainings"] == 2 and meta["cost"]["training_steps"] == 16
-    assert sorted(pd.read_parquet(folder / "long.parquet").run.unique()) == [0, 1]
+    long = pd.read_parquet(folder / "long.parquet")
+    assert sorted(long.run.unique()) == [0, 1] and set(long.quantity) == {"readout"}
+    gradient = pd.read_parquet(tmp_path / "aff" / "gradient" / "long.parquet")
+    assert set(gradient.quantity) == {"cosine", "first_order", "conflict"}  # each method its own rows
+    assert __import__("json").loads((tmp_path / "aff" / "gradient" / "meta.json").read_text())["runs"] == 2
 
 
 # -- the job queue ------------------------------------------------------------------------------

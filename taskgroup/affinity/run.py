@@ -7,9 +7,10 @@
     <out>/<method>/             matrix.csv, long.parquet, heatmap.png, meta.json (see report.py)
 
 ``lookahead``, ``gradient`` and ``readout`` share one real AU-style training of the given tasks
-with an :class:`AffinityProbe` (repeated over ``affinity.runs`` seeds and averaged); ``pairwise`` and ``subsets`` queue their networks on one Optuna study
-(single-task networks shared) and run ``workers`` local worker processes on it; more machines
-join with ``taskgroup worker --storage URL --study NAME``.
+with an :class:`AffinityProbe` (repeated over ``affinity.runs`` seeds and averaged);
+``pairwise`` and ``subsets`` queue their networks on one Optuna study (single-task networks
+shared) and run ``workers`` local worker processes on it; more machines join with
+``taskgroup worker --storage URL --study NAME``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ import yaml
 from rich.console import Console
 
 from taskgroup.affinity.corrections import correct
-from taskgroup.affinity.probes import AffinityProbe
+from taskgroup.affinity.probes import (
+    GRADIENT_QUANTITIES,
+    LOOKAHEAD_QUANTITIES,
+    READOUT_QUANTITIES,
+    AffinityProbe,
+)
 from taskgroup.affinity.report import planted_separation, print_summary, write_method
 from taskgroup.affinity.trained import pairwise_jobs, pairwise_matrix, subset_jobs, subsets_matrix
 from taskgroup.config import RunConfig, to_mapping
@@ -213,7 +219,7 @@ def run_affinity(
             report(
                 "lookahead",
                 reported,
-                [r for r in rows if r["quantity"].startswith("lookahead")],
+                [r for r in rows if r["quantity"] in LOOKAHEAD_QUANTITIES],
                 {
                     "cost": cost,
                     "correction": aff.correction,
@@ -229,7 +235,7 @@ def run_affinity(
             report(
                 "gradient",
                 reported,
-                [r for r in rows if not r["quantity"].startswith("lookahead")],
+                [r for r in rows if r["quantity"] in GRADIENT_QUANTITIES],
                 {
                     "cost": cost,
                     "correction": aff.correction,
@@ -250,7 +256,7 @@ def run_affinity(
             report(
                 "readout",
                 reported,
-                [r for r in rows if r["quantity"] == "readout"],
+                [r for r in rows if r["quantity"] in READOUT_QUANTITIES],
                 {
                     "cost": cost,
                     "correction": aff.correction,
