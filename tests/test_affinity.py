@@ -30,6 +30,7 @@ from taskgroup.affinity import (
 )
 from taskgroup.affinity.probes import readout_similarity
 from taskgroup.affinity.report import planted_separation
+from taskgroup.errors import ConfigError
 from taskgroup.losses import task_loss
 from taskgroup.models import build_model
 from taskgroup.training import Callback, build_optimiser, prepare_data, train_network
@@ -295,6 +296,9 @@ def test_readout_averages_its_runs(tiny_synth, registry, tmp_path):
     assert meta["runs"] == 2 and meta["cost"]["trainings"] == 2 and meta["cost"]["training_steps"] == 16
     long = pd.read_parquet(folder / "long.parquet")
     assert sorted(long.run.unique()) == [0, 1] and set(long.quantity) == {"readout"}
+    again = dataclasses.replace(cfg, affinity=dataclasses.replace(aff, methods=("lookahead", "readout")))
+    with pytest.raises(ConfigError, match=r"probe_run: this probe training was run without lookahead"):
+        run_affinity(again, tmp_path / "aff", TASKS, registry)  # the saved runs cannot give it
     gradient = pd.read_parquet(tmp_path / "aff" / "gradient" / "long.parquet")
     assert set(gradient.quantity) == {"cosine", "first_order", "conflict"}  # each method its own rows
     assert __import__("json").loads((tmp_path / "aff" / "gradient" / "meta.json").read_text())["runs"] == 2

@@ -39,6 +39,7 @@ from taskgroup.affinity.report import planted_separation, print_summary, write_m
 from taskgroup.affinity.trained import pairwise_jobs, pairwise_matrix, subset_jobs, subsets_matrix
 from taskgroup.config import RunConfig, to_mapping
 from taskgroup.data.synthetic import planted_labels
+from taskgroup.errors import ConfigError
 from taskgroup.runtime import configure_cpu
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training import ProgressCallback, prepare_data, train_network
@@ -105,6 +106,12 @@ def run_probes(
         saved = run_dir / "probes.pt"
         if saved.exists():
             probe.load_state_dict(torch.load(saved, weights_only=False))
+            missing = sorted(q for q in _wanted(aff.methods) if q not in probe.values)
+            if missing:
+                raise ConfigError(
+                    f"{run_dir}: this probe training was run without {', '.join(missing)} "
+                    f"(asked by affinity.methods {list(aff.methods)}); measure into another --out"
+                )
         else:
             data = prepare_data(run_cfg.data, registry, tasks, report_dir=out_dir)
             with ProgressCallback.make_progress(console) as progress:
@@ -125,6 +132,16 @@ def run_probes(
         "trainings": aff.runs,
     }
     return probes, cost
+
+
+def _wanted(methods: Sequence[str]) -> set[str]:
+    """The probe quantities the given methods report."""
+    by_method = {
+        "lookahead": LOOKAHEAD_QUANTITIES,
+        "gradient": GRADIENT_QUANTITIES,
+        "readout": READOUT_QUANTITIES,
+    }
+    return {q for m in methods for q in by_method.get(m, ())}
 
 
 def mean_over_runs(probes: Sequence[AffinityProbe]) -> dict[str, np.ndarray]:
