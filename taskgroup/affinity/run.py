@@ -231,35 +231,34 @@ def run_affinity(
         probes, cost = run_probes(cfg, registry, tasks, out_dir, console)
         mean = mean_over_runs(probes)
         rows = [{**row, "run": k} for k, probe in enumerate(probes) for row in probe.trajectory(tasks)]
+
+        def report_probe(method: str, key: str, own: tuple[str, ...], extra: dict, saved: dict) -> None:
+            """A probe method's folder: its matrix (``mean[key]`` corrected) and its own rows."""
+            meta = {"cost": cost, "correction": aff.correction, **extra, "runs": len(probes)}
+            reported = correct(mean[key], types, aff.correction)
+            report(method, reported, [r for r in rows if r["quantity"] in own], meta, saved)
+
         if "lookahead" in aff.methods:
-            reported = correct(mean["lookahead"], types, aff.correction)
-            report(
+            report_probe(
                 "lookahead",
-                reported,
-                [r for r in rows if r["quantity"] in LOOKAHEAD_QUANTITIES],
+                "lookahead",
+                LOOKAHEAD_QUANTITIES,
                 {
-                    "cost": cost,
-                    "correction": aff.correction,
                     "normalisation": "Z = 1 - L_j(after) / L_j(before), divided by the encoder learning rate "
                     "of its step (TAG); lookahead_raw.csv holds Z undivided",
                     "averaged_over_probes": sum(len(p.steps.get("lookahead", [])) for p in probes),
-                    "runs": len(probes),
                 },
                 {"uncorrected": mean["lookahead"], "lookahead_raw": mean["lookahead_raw"]},
             )
         if "gradient" in aff.methods:
-            reported = correct(mean["cosine"], types, aff.correction)
-            report(
+            report_probe(
                 "gradient",
-                reported,
-                [r for r in rows if r["quantity"] in GRADIENT_QUANTITIES],
+                "cosine",
+                GRADIENT_QUANTITIES,
                 {
-                    "cost": cost,
-                    "correction": aff.correction,
                     "reported": "cosine similarity of the per-task gradients on the shared parameters, "
                     "averaged over probes, then corrected",
                     "averaged_over_probes": sum(len(p.steps.get("cosine", [])) for p in probes),
-                    "runs": len(probes),
                     "quantities": {
                         "cosine": "cosine similarity (uncorrected)",
                         "first_order": "lr * <g_i, g_j> / L_j: first-order lookahead (plain SGD step)",
@@ -269,19 +268,15 @@ def run_affinity(
                 {"cosine": mean["cosine"], "first_order": mean["first_order"], "conflict": mean["conflict"]},
             )
         if "readout" in aff.methods:
-            reported = correct(mean["readout"], types, aff.correction)
-            report(
+            report_probe(
                 "readout",
-                reported,
-                [r for r in rows if r["quantity"] in READOUT_QUANTITIES],
+                "readout",
+                READOUT_QUANTITIES,
                 {
-                    "cost": cost,
-                    "correction": aff.correction,
                     "reported": "cosine similarity of the tasks' readout profiles (mean |F * dL/dF| per "
                     "channel of the shared feature map, at the end of the training), averaged over runs, "
                     "then corrected",
                     "readout_batches": aff.readout_batches,
-                    "runs": len(probes),
                 },
                 {"uncorrected": mean["readout"]},
             )
