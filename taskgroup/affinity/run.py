@@ -55,7 +55,13 @@ from taskgroup.training.jobs import (
 
 log = logging.getLogger("taskgroup")
 
-PROBE_METHODS = ("lookahead", "gradient", "readout")
+#: each probe method's quantities (its own rows of the long table)
+PROBE_QUANTITIES = {
+    "lookahead": LOOKAHEAD_QUANTITIES,
+    "gradient": GRADIENT_QUANTITIES,
+    "readout": READOUT_QUANTITIES,
+}
+PROBE_METHODS = tuple(PROBE_QUANTITIES)
 TRAINED_METHODS = ("pairwise", "subsets")
 STUDY = "affinity"
 
@@ -136,12 +142,7 @@ def run_probes(
 
 def _wanted(methods: Sequence[str]) -> set[str]:
     """The probe quantities the given methods report."""
-    by_method = {
-        "lookahead": LOOKAHEAD_QUANTITIES,
-        "gradient": GRADIENT_QUANTITIES,
-        "readout": READOUT_QUANTITIES,
-    }
-    return {q for m in methods for q in by_method.get(m, ())}
+    return {q for m in methods for q in PROBE_QUANTITIES.get(m, ())}
 
 
 def mean_over_runs(probes: Sequence[AffinityProbe]) -> dict[str, np.ndarray]:
@@ -232,17 +233,17 @@ def run_affinity(
         mean = mean_over_runs(probes)
         rows = [{**row, "run": k} for k, probe in enumerate(probes) for row in probe.trajectory(tasks)]
 
-        def report_probe(method: str, key: str, own: tuple[str, ...], extra: dict, saved: dict) -> None:
+        def report_probe(method: str, key: str, extra: dict, saved: dict) -> None:
             """A probe method's folder: its matrix (``mean[key]`` corrected) and its own rows."""
             meta = {"cost": cost, "correction": aff.correction, **extra, "runs": len(probes)}
             reported = correct(mean[key], types, aff.correction)
-            report(method, reported, [r for r in rows if r["quantity"] in own], meta, saved)
+            own = [r for r in rows if r["quantity"] in PROBE_QUANTITIES[method]]
+            report(method, reported, own, meta, saved)
 
         if "lookahead" in aff.methods:
             report_probe(
                 "lookahead",
                 "lookahead",
-                LOOKAHEAD_QUANTITIES,
                 {
                     "normalisation": "Z = 1 - L_j(after) / L_j(before), divided by the encoder learning rate "
                     "of its step (TAG); lookahead_raw.csv holds Z undivided",
@@ -254,7 +255,6 @@ def run_affinity(
             report_probe(
                 "gradient",
                 "cosine",
-                GRADIENT_QUANTITIES,
                 {
                     "reported": "cosine similarity of the per-task gradients on the shared parameters, "
                     "averaged over probes, then corrected",
@@ -271,7 +271,6 @@ def run_affinity(
             report_probe(
                 "readout",
                 "readout",
-                READOUT_QUANTITIES,
                 {
                     "reported": "cosine similarity of the tasks' readout profiles (mean |F * dL/dF| per "
                     "channel of the shared feature map, at the end of the training), averaged over runs, "
