@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         choices=list(AFFINITY_METHODS),
-        help="estimators (default: the config's affinity.methods, lookahead and gradient)",
+        help="estimators (default: the config's affinity.methods: lookahead, gradient and readout)",
     )
     p.add_argument("--tasks", nargs="+", default=None, help="measure on these tasks only (default: all)")
     p.add_argument(

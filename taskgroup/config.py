@@ -301,7 +301,7 @@ class AffinityConfig:
     run networks of ``trained_steps_per_task`` steps per task as jobs of an Optuna study on
     ``storage`` (None: a SQLite file in the output folder)."""
 
-    methods: tuple[str, ...] = ("lookahead", "gradient")
+    methods: tuple[str, ...] = ("lookahead", "gradient", "readout")
     every: int = 50
     lookahead_every: int | None = None
     probe_batch: int | None = None
