@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "affinity",
-        help="measure inter-task affinity (lookahead, gradient, readout, pairwise, subsets) into 27x27 matrices",
+        help="measure inter-task affinity (lookahead, gradient, readout, attribution, pairwise, subsets) into 27x27 matrices",
     )
     p.add_argument(
         "--data", type=Path, default=None, help="FM_UIA root (default: the embedded synthetic benchmark)"
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         choices=list(AFFINITY_METHODS),
-        help="estimators (default: the config's affinity.methods: lookahead, gradient and readout)",
+        help="estimators (default: the config's affinity.methods: lookahead, gradient, readout, attribution)",
     )
     p.add_argument("--tasks", nargs="+", default=None, help="measure on these tasks only (default: all)")
     p.add_argument(

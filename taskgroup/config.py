@@ -281,7 +281,7 @@ class TrainConfig:
         return self.steps if self.steps is not None else self.steps_per_task * num_tasks
 
 
-AFFINITY_METHODS = ("lookahead", "gradient", "readout", "pairwise", "subsets")
+AFFINITY_METHODS = ("lookahead", "gradient", "readout", "attribution", "pairwise", "subsets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +293,8 @@ class AffinityConfig:
     of ``steps_per_task`` steps per task (None: ``train.steps_per_task``), each on a fresh batch of
     ``probe_batch`` images per task (None: ``data.batch_size``). ``blocks``: measure on the
     shared parameters of the last N encoder blocks only (0: all shared parameters).
-    ``readout`` is read at the end of that training on ``readout_batches`` batches per task.
+    ``readout`` is read at the end of that training on ``readout_batches`` batches per task,
+    ``attribution`` on a shared probe set of ``attribution_images`` images of every task.
     ``runs``: the probe training is repeated with seeds ``train.seed``, ``train.seed + 1``, ...
     and every probe method averages its matrices over the runs.
     ``correction``: how the task-type confound is removed from the gradient-based matrices
@@ -301,12 +302,13 @@ class AffinityConfig:
     run networks of ``trained_steps_per_task`` steps per task as jobs of an Optuna study on
     ``storage`` (None: a SQLite file in the output folder)."""
 
-    methods: tuple[str, ...] = ("lookahead", "gradient", "readout")
+    methods: tuple[str, ...] = ("lookahead", "gradient", "readout", "attribution")
     every: int = 50
     lookahead_every: int | None = None
     probe_batch: int | None = None
     blocks: int = 0
     readout_batches: int = 4
+    attribution_images: int = 4
     runs: int = 1
     correction: Literal["none", "type_centre", "type_scale"] = "type_centre"
     steps_per_task: int | None = None
@@ -353,10 +355,12 @@ class SearchConfig:
     mean over a group's partners towards 0 by m / (m + partners); ``shrink`` (n0) and
     ``penalty`` (beta) make it data-scale-aware (0 = off).
 
-    The best proposal of an estimator is the one with the fewest networks whose predicted mean
-    gain is within ``tolerance`` (relative) of the highest predicted by any proposal: overlapping
-    selections and finer partitions always fit the estimate a little better, and compute is the
-    other side of the trade (the knee of the gain/networks front)."""
+    The best proposal of an estimator (``best``): overlapping selections and finer partitions
+    always fit the estimate a little better, and compute is the other side of the trade, so
+    ``knee`` takes the knee of the predicted gain / networks front (Kneedle, with AU as its
+    one-network point) and the highest-gain proposal with that many networks; ``tolerance``
+    (also the fallback when the front has no knee) takes the fewest networks whose predicted
+    mean gain is within ``tolerance`` (relative) of the highest predicted by any proposal."""
 
     methods: tuple[str, ...] = SEARCH_METHODS
     estimators: tuple[str, ...] = ()  # affinity methods to use (empty: every one found)
@@ -373,6 +377,7 @@ class SearchConfig:
     resolutions: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     storage: str | None = None
     seed: int = 0
+    best: Literal["knee", "tolerance"] = "knee"
     tolerance: float = 0.05
     top: int = 12  # rows of the terminal table
     # the trained objective (grouping/trained.py): this many Optuna trials that each train their

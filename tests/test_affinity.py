@@ -28,7 +28,7 @@ from taskgroup.affinity import (
     subset_jobs,
     subsets_matrix,
 )
-from taskgroup.affinity.probes import readout_similarity
+from taskgroup.affinity.probes import attribution_similarity, readout_similarity
 from taskgroup.affinity.report import planted_separation
 from taskgroup.errors import ConfigError
 from taskgroup.losses import task_loss
@@ -302,6 +302,64 @@ def test_readout_averages_its_runs(tiny_synth, registry, tmp_path):
     gradient = pd.read_parquet(tmp_path / "aff" / "gradient" / "long.parquet")
     assert set(gradient.quantity) == {"cosine", "first_order", "conflict"}  # each method its own rows
     assert __import__("json").loads((tmp_path / "aff" / "gradient" / "meta.json").read_text())["runs"] == 2
+
+
+def test_attribution_similarity_by_hand():
+    # image 0, as shares [.5, .25, .25] twice and [.25, .25, .5]; centred over the tokens:
+    # [1/6, -1/12, -1/12] twice and [-1/12, -1/12, 1/6]; centred by their mean over the tasks
+    # [1/12, -1/12, 0]: [1/12, 0, -1/12] twice and [-1/6, 0, 1/6]. Image 1: tasks 0 and 2 look at
+    # token 0, task 1 at token 2 (cosines worked out the same way: +1, -1, -1).
+    maps = np.array(
+        [
+            [[2.0, 1.0, 1.0], [3.0, 1.0, 1.0]],
+            [[4.0, 2.0, 2.0], [1.0, 1.0, 3.0]],
+            [[1.0, 1.0, 2.0], [3.0, 1.0, 1.0]],
+        ]
+    )
+    image0 = np.array([[1.0, 1.0, -1.0], [1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    image1 = np.array([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])
+    assert np.allclose(attribution_similarity(maps[:, :1]), image0)
+    assert np.allclose(attribution_similarity(maps), (image0 + image1) / 2)  # the mean over images
+    # an image on which every head looks at the same place carries no pair information
+    same = np.concatenate([maps, np.ones((3, 1, 3))], axis=1)
+    assert np.allclose(attribution_similarity(same), (image0 + image1) / 2)
+    silent = attribution_similarity(np.concatenate([maps, np.zeros((1, 2, 3))]))
+    assert np.isnan(silent[3]).all() and np.isnan(silent[:, 3]).all()
+    assert np.allclose(silent[:3, :3], (image0 + image1) / 2)  # a silent head shifts no other
+
+
+class ManualAttribution(Callback):
+    """At the end of training, redoes the attribution maps of a segmentation and a
+    classification task by hand, on the shared probe set (``images`` of every task)."""
+
+    def __init__(self, images: int) -> None:
+        self.images, self.maps = images, {}
+
+    def on_train_end(self, engine) -> None:
+        engine.model.eval()
+        images = torch.cat([engine.probe_batch(t, salt=300, size=self.images).images for t in engine.tasks])
+        scores = {
+            "breast_lesion": lambda out: out.softmax(dim=1)[:, 1:].sum(),  # foreground mass
+            "lung_2cls": lambda out: out.log_softmax(dim=1).max(dim=1).values.sum(),  # predicted class
+        }
+        for task, score in scores.items():
+            features = engine.model.features(images, task).detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(score(engine.model.heads[task](features)), features)
+            self.maps[task] = (features * grad).detach().abs().sum(dim=1).flatten(1).double().numpy()
+        engine.model.train()
+
+
+def test_attribution_map_is_gradient_times_feature_per_token(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    data = prepare_data(cfg.data, registry, TASKS)
+    probe = AffinityProbe(every=100, lookahead=False, gradient=False, attribution=True, attribution_images=3)
+    manual = ManualAttribution(images=3)
+    train_network(cfg, registry, TASKS, tmp_path / "run", "n", data, [probe, manual])
+    assert probe.maps.shape[:2] == (len(TASKS), 3 * len(TASKS))  # 3 images of every task, shared
+    for task, expected in manual.maps.items():
+        assert np.allclose(probe.maps[TASKS.index(task)], expected, rtol=1e-5), task
+    assert probe.steps["attribution"] == [4] and set(probe.values) == {"attribution"}  # once, at the end
+    assert np.allclose(probe.matrices()["attribution"], attribution_similarity(probe.maps))
 
 
 # -- the job queue ------------------------------------------------------------------------------

@@ -20,7 +20,14 @@ from taskgroup.errors import DataError
 from taskgroup.grouping import GainPredictor, Partition, propose_partitions, select_milp
 from taskgroup.grouping.candidates import generate_candidates
 from taskgroup.grouping.optimize import canonical_labels, decode, encode, local_search, optuna_search
-from taskgroup.grouping.search import read_groups_table, run_search
+from taskgroup.grouping.search import (
+    Proposal,
+    best_proposals,
+    front_knee,
+    gain_front,
+    read_groups_table,
+    run_search,
+)
 from taskgroup.groupings import load_grouping
 
 TASKS = [f"t{k}" for k in range(27)]
@@ -102,6 +109,40 @@ def test_candidate_pool_and_selection():
     assert sorted(map(sorted, chosen.networks(pool))) == sorted(
         map(sorted, [TASKS[:9], TASKS[9:18], TASKS[18:]])
     )
+
+
+def _proposal(name: str, method: str, networks: int, gain: float) -> Proposal:
+    groups = tuple((f"t{k}",) for k in range(networks))
+    return Proposal(name, method, "est", groups, {"t0": gain}, float(networks))
+
+
+def test_best_proposal_is_the_knee_of_the_gain_front():
+    """AU (0 gain, one network), then partitions of 2..5 networks whose gains flatten after 3:
+    the knee is 3 networks; the 5 % tolerance rule takes 4 (0.95 is within 5 % of 1.0)."""
+    proposals = [
+        _proposal("au", "au", 1, 0.0),
+        _proposal("p2", "louvain", 2, 0.6),
+        _proposal("p3a", "louvain", 3, 0.85),
+        _proposal("p3b", "spectral", 3, 0.9),
+        _proposal("p4", "select", 4, 0.95),
+        _proposal("p4-worse", "select", 4, 0.7),
+        _proposal("p5", "select", 5, 1.0),
+        _proposal("p6", "select", 6, 0.99),  # no better than 5 networks: not on the front
+    ]
+    assert gain_front(proposals) == [(1, 0.0), (2, 0.6), (3, 0.9), (4, 0.95), (5, 1.0)]
+    assert front_knee(gain_front(proposals)) == 3
+    assert best_proposals(proposals, 0.05, "knee")["est"].name == "p3b"  # the best with 3 networks
+    assert best_proposals(proposals, 0.05, "tolerance")["est"].name == "p4"
+    # no knee on a straight front, none on two points: the tolerance rule decides
+    straight = [_proposal(f"s{n}", "louvain", n, 0.25 * n) for n in range(2, 6)]
+    assert front_knee(gain_front(straight)) is None and front_knee([(1, 0.0), (2, 1.0)]) is None
+    assert best_proposals(straight, 0.05, "knee")["est"].name == "s5"
+    # gains that jump at 2 networks and hardly move after: the knee is 2
+    flat = [
+        _proposal("au", "au", 1, -5.0),
+        *(_proposal(f"f{n}", "louvain", n, 1 + 0.01 * n) for n in (2, 3, 4)),
+    ]
+    assert front_knee(gain_front(flat)) == 2 and best_proposals(flat, 0.05)["est"].name == "f2"
 
 
 def _affinity_run(tmp_path, tiny_synth, registry, noise: float) -> tuple:

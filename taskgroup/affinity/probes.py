@@ -30,6 +30,19 @@ And once, at the end of the training:
   idea in the spirit of Task2Vec (Achille et al. 2019, Fisher information of a probe network),
   written here because no installed library computes it. The run is repeated with
   ``affinity.runs`` seeds and averaged (the heads' random starts are the readout's main noise).
+- ``attribution``: *where* in an image each task's head looks. One shared probe set (the
+  ``attribution_images`` first images of a fresh batch of every task, so every head sees the
+  same images, whatever task they come from); per task, a label-free score of its head's output
+  (:data:`HEAD_SCORES`: predicted foreground mass, log-probability of the predicted class, box
+  or keypoint coordinates) and its attribution map ``m_t[n, k] = sum_c |F_c * ds_t/dF_c|`` over
+  the tokens k of image n (gradient times input, summed over channels). Each map is divided
+  by its sum and centred over its tokens, then centred by the mean map over the tasks on that
+  image (what every head looks at says nothing about a pair); ``R[i, j]`` is the cosine of the
+  maps of i and j averaged over the images. The transferability-from-attribution-maps idea
+  (Song et al., NeurIPS 2019: tasks whose models attribute to the same inputs on a shared probe
+  set transfer to each other), written here because no installed library computes task
+  similarity from attribution maps (gradient times input is two lines of autograd). Tasks that
+  need the same structure of an image look at the same place.
 
 Convention everywhere: ``A[i, j]`` = effect of source ``i`` on target ``j``; positive = helps.
 Probes run in eval mode (no expert-load counting; the ViT has no dropout or batch norm, so the
@@ -40,6 +53,7 @@ real step clips the gradient.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -47,12 +61,42 @@ import torch
 from torch import nn
 
 from taskgroup.models import M2DINO
+from taskgroup.tasks import TaskKind
 from taskgroup.training import Callback, Engine, StepOutput
 
 #: quantities recorded per probe, each a (tasks, tasks) matrix: source rows, target columns
 GRADIENT_QUANTITIES = ("cosine", "first_order", "conflict")
 LOOKAHEAD_QUANTITIES = ("lookahead", "lookahead_raw")
 READOUT_QUANTITIES = ("readout",)
+ATTRIBUTION_QUANTITIES = ("attribution",)
+
+
+def _foreground_mass(output: torch.Tensor) -> torch.Tensor:
+    return output.float().softmax(dim=1)[:, 1:].sum()
+
+
+def _predicted_class(output: torch.Tensor) -> torch.Tensor:
+    return output.float().log_softmax(dim=1).amax(dim=1).sum()
+
+
+def _box(output: torch.Tensor) -> torch.Tensor:
+    return output[:, :4].float().sum()  # the xyxy box, not the confidence logit
+
+
+def _points(output: torch.Tensor) -> torch.Tensor:
+    return output.float().sum()
+
+
+#: the label-free score of a head's output whose attribution map says where the head looks:
+#: segmentation, the predicted foreground mass (softmax of every non-background class);
+#: classification, the log-probability of the predicted class; detection, the box coordinates;
+#: regression, the keypoint coordinates (soft-argmax: their gradient sits where the heatmap is)
+HEAD_SCORES = {
+    TaskKind.SEGMENTATION: _foreground_mass,
+    TaskKind.CLASSIFICATION: _predicted_class,
+    TaskKind.DETECTION: _box,
+    TaskKind.REGRESSION: _points,
+}
 
 
 def probe_parameters(model: M2DINO, blocks: int = 0) -> list[nn.Parameter]:
@@ -81,9 +125,13 @@ class AffinityProbe(Callback):
         lookahead_every: int | None = None,
         readout: bool = False,
         readout_batches: int = 4,
+        attribution: bool = False,
+        attribution_images: int = 4,
     ) -> None:
-        if not (lookahead or gradient or readout):
-            raise ValueError("an affinity probe needs lookahead, gradient, readout or some of them")
+        if not (lookahead or gradient or readout or attribution):
+            raise ValueError(
+                "an affinity probe needs lookahead, gradient, readout, attribution or some of them"
+            )
         self.every = every
         self.lookahead_every = lookahead_every or every
         self.lookahead = lookahead
@@ -91,6 +139,9 @@ class AffinityProbe(Callback):
         self.readout = readout
         self.readout_batches = readout_batches
         self.profiles: np.ndarray | None = None  # (tasks, channels) readout profiles
+        self.attribution = attribution
+        self.attribution_images = attribution_images
+        self.maps: np.ndarray | None = None  # (tasks, images, tokens) attribution maps
         self.blocks = blocks
         self.batch = batch
         self.steps: dict[str, list[int]] = {}  # quantity -> steps it was probed at
@@ -106,6 +157,7 @@ class AffinityProbe(Callback):
             "values": self.values,
             "cost": self.cost,
             "profiles": self.profiles,
+            "maps": self.maps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -114,6 +166,7 @@ class AffinityProbe(Callback):
         self.values = {k: list(v) for k, v in state.get("values", {}).items()}
         self.cost = dict(state.get("cost", self.cost))
         self.profiles = state.get("profiles")
+        self.maps = state.get("maps")
 
     def on_step_end(self, engine: Engine, output: StepOutput) -> None:
         gradient = self.gradient and output.step % self.every == 0
@@ -124,6 +177,8 @@ class AffinityProbe(Callback):
     def on_train_end(self, engine: Engine) -> None:
         if self.readout:
             self.read_out(engine)
+        if self.attribution:
+            self.attribute(engine)
 
     # -- the probe ----------------------------------------------------------------------------
     def _loss(self, engine: Engine, task: str, batch) -> torch.Tensor:
@@ -260,6 +315,36 @@ class AffinityProbe(Callback):
         self.cost["backward"] += len(tasks) * self.readout_batches
         self.cost["seconds"] += time.perf_counter() - start
 
+    def attribute(self, engine: Engine) -> None:
+        """The attribution maps of every task's head on the shared probe set, and their
+        similarity, now (see the module doc)."""
+        start = time.perf_counter()
+        model = engine.model
+        tasks = list(engine.tasks)
+        was_training = model.training
+        model.eval()
+        images = torch.cat(
+            [engine._images(engine.probe_batch(t, salt=300, size=self.attribution_images)) for t in tasks]
+        )
+        maps = []
+        for task in tasks:
+            score = HEAD_SCORES[engine.tasks[task].kind]
+            with torch.no_grad(), engine._autocast():
+                features = model.features(images, task)
+            features = features.float().requires_grad_(True)
+            with engine._autocast():
+                output = model.heads[task](features)
+            (grad,) = torch.autograd.grad(score(output), features)
+            maps.append((features * grad).detach().abs().sum(dim=1).flatten(1).double().cpu())
+        model.train(was_training)
+        self.maps = torch.stack(maps).numpy()
+        self.values["attribution"] = [attribution_similarity(self.maps)]
+        self.steps["attribution"] = [engine.step]
+        self.lr["attribution"] = [float("nan")]
+        self.cost["forward"] += len(tasks)
+        self.cost["backward"] += len(tasks)
+        self.cost["seconds"] += time.perf_counter() - start
+
     # -- results ------------------------------------------------------------------------------
     def matrices(self) -> dict[str, np.ndarray]:
         """Each quantity averaged over the probes: (tasks, tasks), source rows."""
@@ -296,3 +381,23 @@ def readout_similarity(profiles: np.ndarray) -> np.ndarray:
         centred = relative - np.nanmean(relative, axis=0, keepdims=True)
         unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     return unit @ unit.T
+
+
+def attribution_similarity(maps: np.ndarray) -> np.ndarray:
+    """Mean over images of the cosine similarity of the tasks' attribution maps (tasks, images,
+    tokens): each map divided by its sum and centred over its tokens, then centred by the mean
+    map over the tasks on that image. An image on which every task's map is the same carries no
+    pair information (NaN there, left out of the mean); a task whose head looks nowhere (all
+    zero) has NaN similarities."""
+    maps = np.asarray(maps, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = maps.sum(axis=2, keepdims=True)
+        shares = maps / np.where(total > 0, total, np.nan)
+        centred = shares - shares.mean(axis=2, keepdims=True)
+        centred = centred - np.nanmean(centred, axis=0, keepdims=True)
+        norms = np.linalg.norm(centred, axis=2, keepdims=True)
+        unit = centred / np.where(norms > 1e-12, norms, np.nan)
+        per_image = np.einsum("ink,jnk->nij", unit, unit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN pair stays NaN
+        return np.nanmean(per_image, axis=0)

@@ -6,7 +6,7 @@
     <out>/jobs/                 networks of the trained estimators; <out>/jobs.db their queue
     <out>/<method>/             matrix.csv, long.parquet, heatmap.png, meta.json (see report.py)
 
-``lookahead``, ``gradient`` and ``readout`` share one real AU-style training of the given tasks
+``lookahead``, ``gradient``, ``readout`` and ``attribution`` share one real AU-style training of the given tasks
 with an :class:`AffinityProbe` (repeated over ``affinity.runs`` seeds and averaged);
 ``pairwise`` and ``subsets`` queue their networks on one Optuna study (single-task networks
 shared) and run ``workers`` local worker processes on it; more machines join with
@@ -30,6 +30,7 @@ from rich.console import Console
 
 from taskgroup.affinity.corrections import correct
 from taskgroup.affinity.probes import (
+    ATTRIBUTION_QUANTITIES,
     GRADIENT_QUANTITIES,
     LOOKAHEAD_QUANTITIES,
     READOUT_QUANTITIES,
@@ -60,6 +61,7 @@ PROBE_QUANTITIES = {
     "lookahead": LOOKAHEAD_QUANTITIES,
     "gradient": GRADIENT_QUANTITIES,
     "readout": READOUT_QUANTITIES,
+    "attribution": ATTRIBUTION_QUANTITIES,
 }
 PROBE_METHODS = tuple(PROBE_QUANTITIES)
 TRAINED_METHODS = ("pairwise", "subsets")
@@ -107,6 +109,8 @@ def run_probes(
             lookahead_every=aff.lookahead_every,
             readout="readout" in aff.methods,
             readout_batches=aff.readout_batches,
+            attribution="attribution" in aff.methods,
+            attribution_images=aff.attribution_images,
         )
         run_dir = out_dir / ("probe_run" if run == 0 else f"probe_run_{run}")
         saved = run_dir / "probes.pt"
@@ -284,6 +288,19 @@ def run_affinity(
                 frame = pd.DataFrame(probe.profiles, index=tasks)
                 frame.columns = [f"channel_{c}" for c in frame.columns]
                 frame.to_csv(folders["readout"] / name, index_label="task")
+        if "attribution" in aff.methods:
+            report_probe(
+                "attribution",
+                "attribution",
+                {
+                    "reported": "cosine similarity of the tasks' attribution maps (|F * ds/dF| summed over "
+                    "the channels of the shared feature map, per token, for a label-free score s of each "
+                    "head's output) on a shared probe set, averaged over its images and over runs, then "
+                    "corrected",
+                    "attribution_images_per_task": aff.attribution_images,
+                },
+                {"uncorrected": mean["attribution"]},
+            )
     if any(m in aff.methods for m in TRAINED_METHODS):
         results, cost = run_trained(cfg, registry, tasks, out_dir, workers)
         for method, build in (("pairwise", pairwise_matrix), ("subsets", subsets_matrix)):

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -323,14 +324,57 @@ def search_trained(
     return proposal, info
 
 
-def best_proposals(proposals: Sequence[Proposal], tolerance: float) -> dict[str, Proposal]:
-    """Per estimator: the fewest networks within ``tolerance`` of the highest predicted mean gain
-    (highest gain among those); TS, CG and AU are references, never chosen."""
+def gain_front(proposals: Sequence[Proposal]) -> list[tuple[int, float]]:
+    """The predicted gain / networks front: for each number of networks, the highest predicted
+    mean gain, kept only where it is above every front point with fewer networks."""
+    top: dict[int, float] = {}
+    for p in proposals:
+        top[p.networks] = max(top.get(p.networks, -np.inf), p.mean)
+    front: list[tuple[int, float]] = []
+    for n in sorted(top):
+        if not front or top[n] > front[-1][1]:
+            front.append((n, top[n]))
+    return front
+
+
+def front_knee(front: Sequence[tuple[int, float]]) -> int | None:
+    """The knee of a gain / networks front (``kneed``'s Kneedle, Satopaa et al. 2011: the
+    point farthest above the chord from the first point to the last, on the normalised curve),
+    as a number of networks; None when the front has fewer than three points or no knee."""
+    if len(front) < 3:
+        return None
+    from kneed import KneeLocator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no knee found" is a None, said by the caller
+        knee = KneeLocator(
+            [n for n, _ in front], [g for _, g in front], curve="concave", direction="increasing"
+        ).knee
+    return None if knee is None else round(float(knee))
+
+
+def best_proposals(
+    proposals: Sequence[Proposal], tolerance: float, rule: str = "knee"
+) -> dict[str, Proposal]:
+    """Per estimator, the proposal the search recommends (TS, CG and AU are references, never
+    chosen). ``rule="knee"``: on the predicted gain / networks front of the proposals, with AU
+    (one network) as its first point, the knee (:func:`front_knee`); the highest-gain proposal
+    with that many networks. Without a knee (a front of fewer than three points, or a straight
+    or convex one), or ``rule="tolerance"``: the
+    fewest networks within ``tolerance`` of the highest predicted mean gain (highest gain among
+    those)."""
     best: dict[str, Proposal] = {}
     for estimator in dict.fromkeys(p.estimator for p in proposals):
         mine = [p for p in proposals if p.estimator == estimator and p.method not in REFERENCES]
         if not mine:
             continue
+        if rule == "knee":
+            anchor = [p for p in proposals if p.estimator == estimator and p.method == "au"]
+            front = gain_front(anchor + mine)
+            knee = front_knee(front)
+            if knee is not None and knee in {p.networks for p in mine}:
+                best[estimator] = max((p for p in mine if p.networks == knee), key=lambda p: p.mean)
+                continue
         top = max(p.mean for p in mine)
         near = [p for p in mine if p.mean >= top - tolerance * abs(top)]
         best[estimator] = min(near, key=lambda p: (p.networks, -p.mean))
@@ -472,7 +516,10 @@ def run_search(
         if run_cfg is None:
             raise ConfigError("search.trained_trials needs the run config (model, data, train) to train with")
         t0 = time.perf_counter()
-        starts = [p.groups for p in best_proposals([p for p in proposals if p.is_partition], 0.0).values()]
+        starts = [
+            p.groups
+            for p in best_proposals([p for p in proposals if p.is_partition], 0.0, "tolerance").values()
+        ]
         trained, info = search_trained(
             run_cfg, registry, tasks, out, storage, [*starts, clinical_groups(registry, tasks)]
         )
@@ -488,7 +535,7 @@ def run_search(
             index=False, floatfmt="+.4f"
         )
     )
-    best = best_proposals(ranked, cfg.tolerance)
+    best = best_proposals(ranked, cfg.tolerance, cfg.best)
     for p in proposals:
         if p.method in REFERENCES:
             continue
@@ -500,7 +547,9 @@ def run_search(
         mine = [p for p in proposals if p.estimator == estimator]
         # the best proposal boxed; when it overlaps (a selection), the best partition
         boxed = best_proposals(
-            [p for p in mine if p.is_partition and p.method not in REFERENCES], cfg.tolerance
+            [p for p in mine if p.is_partition and (p.method == "au" or p.method not in REFERENCES)],
+            cfg.tolerance,
+            cfg.best,
         ).get(estimator)
         if boxed is not None:
             best_partition[estimator] = boxed
