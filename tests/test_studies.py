@@ -66,10 +66,12 @@ def test_grouping_search_study_runs_end_to_end_and_the_notebooks_execute(tiny_sy
         "grouping_search/search",
         "grouping_search/compare",
     }
-    for method in ("gradient", "readout", "pairwise"):
+    for method in ("gradient", "readout", "attribution", "pairwise"):
         assert (out / "affinity" / method / "matrix.csv").exists()
     meta = json.loads((out / "search" / "meta.json").read_text())
-    assert set(meta["best"]) == set(meta["best_partition"]) == {"gradient", "readout", "pairwise"}
+    assert (
+        set(meta["best"]) == set(meta["best_partition"]) == {"gradient", "readout", "attribution", "pairwise"}
+    )
     groups = pd.read_csv(out / "compare" / "per_group.csv")
     proposals = {b["name"] for key in ("best", "best_partition") for b in meta[key].values()}
     assert {"cg", "au"} | proposals == set(groups.grouping)  # the proposals against CG and AU
