@@ -4,15 +4,15 @@
 
 RUN is a `taskgroup affinity` folder whose probe trainings kept their checkpoints
 (`probe_run*/checkpoints/last.pt`, e.g. `--method readout attribution`). For every probe
-training, every task's head is read as the `attribution` estimator reads it (the label-free
-head score of `taskgroup.affinity.probes.HEAD_SCORES`, `sum_c |F_c * ds/dF_c|` per token of the
-shared feature map, each map divided by its sum) on images of three segmentation tasks whose
-masks mark one planted structure each (breast_lesion: the blob, thyroid_nodule: the texture
-patch, lung: the lines). Reported per task and structure: the map's mass inside the structure's
-mask divided by the mask's share of the image (1 = no preference, as a uniform map), averaged
-over the images and the probe trainings. A head whose map sits on its own structure shows a
-high value there; a map spread over the image shows values near 1 everywhere, and then the
-attribution similarity of that task rests on small differences.
+training, every task's head is read as the `attribution` estimator reads it
+(`taskgroup.affinity.probes.attribution_maps`: the label-free head score's `sum_c |F_c *
+ds/dF_c|` per token of the shared feature map, each map divided by its sum) on images of three
+segmentation tasks whose masks mark one planted structure each (breast_lesion: the blob,
+thyroid_nodule: the texture patch, lung: the lines). Reported per task and structure: the map's
+mass inside the structure's mask divided by the mask's share of the image (1 = no preference, as
+a uniform map), averaged over the images and the probe trainings. A head whose map sits on its
+own structure shows a high value there; a map spread over the image shows values near 1
+everywhere, and then the attribution similarity of that task rests on small differences.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from report import report
 
-from taskgroup.affinity.probes import HEAD_SCORES
+from taskgroup.affinity.probes import attribution_maps
 from taskgroup.config import load_run_config
 from taskgroup.data.synthetic import TASK_FACTORS
 from taskgroup.models import build_model
@@ -65,12 +65,7 @@ def focus(run: Path, tasks: list[str] | None, images: int) -> list[dict]:
         for structure, batch in marker_batches.items():
             mask = (batch.targets > 0).float()[:, None]
             for task in shown:
-                with torch.no_grad():
-                    features = model.features(batch.images, task)
-                features = features.requires_grad_(True)
-                score = HEAD_SCORES[registry[task].kind](model.heads[task](features))
-                (grad,) = torch.autograd.grad(score, features)
-                maps = (features * grad).detach().abs().sum(dim=1)
+                maps = attribution_maps(model, task, registry[task].kind, batch.images)
                 maps = maps / maps.sum(dim=(1, 2), keepdim=True)
                 share = F.adaptive_avg_pool2d(mask, maps.shape[-2:])[:, 0]
                 inside = (maps * share).sum(dim=(1, 2)) / share.mean(dim=(1, 2)).clamp_min(1e-6)

@@ -52,6 +52,7 @@ real step clips the gradient.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Any
@@ -97,6 +98,21 @@ HEAD_SCORES = {
     TaskKind.DETECTION: _box,
     TaskKind.REGRESSION: _points,
 }
+
+
+def attribution_maps(
+    model: M2DINO, task: str, kind: TaskKind, images: torch.Tensor, autocast=contextlib.nullcontext
+) -> torch.Tensor:
+    """Where ``task``'s head looks on ``images``: ``sum_c |F_c * ds/dF_c|`` per token of the shared
+    feature map F (N, h, w), for the label-free score s of :data:`HEAD_SCORES`; ``autocast`` is
+    the engine's mixed-precision context (none on the CPU)."""
+    with torch.no_grad(), autocast():
+        features = model.features(images, task)
+    features = features.float().requires_grad_(True)
+    with autocast():
+        output = model.heads[task](features)
+    (grad,) = torch.autograd.grad(HEAD_SCORES[kind](output), features)
+    return (features * grad).detach().abs().sum(dim=1)
 
 
 def probe_parameters(model: M2DINO, blocks: int = 0) -> list[nn.Parameter]:
@@ -328,14 +344,8 @@ class AffinityProbe(Callback):
         )
         maps = []
         for task in tasks:
-            score = HEAD_SCORES[engine.tasks[task].kind]
-            with torch.no_grad(), engine._autocast():
-                features = model.features(images, task)
-            features = features.float().requires_grad_(True)
-            with engine._autocast():
-                output = model.heads[task](features)
-            (grad,) = torch.autograd.grad(score(output), features)
-            maps.append((features * grad).detach().abs().sum(dim=1).flatten(1).double().cpu())
+            found = attribution_maps(model, task, engine.tasks[task].kind, images, engine._autocast)
+            maps.append(found.flatten(1).double().cpu())
         model.train(was_training)
         self.maps = torch.stack(maps).numpy()
         self.values["attribution"] = [attribution_similarity(self.maps)]
