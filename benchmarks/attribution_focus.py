@@ -30,7 +30,7 @@ from taskgroup.affinity.probes import attribution_maps
 from taskgroup.config import load_run_config
 from taskgroup.data.synthetic import TASK_FACTORS
 from taskgroup.models import build_model
-from taskgroup.runtime import configure_cpu
+from taskgroup.runtime import configure_cpu, pick_device
 from taskgroup.tasks import load_registry
 from taskgroup.training import prepare_data
 from taskgroup.training.pretrain import resolve_pretrained
@@ -52,16 +52,17 @@ def focus(run: Path, tasks: list[str] | None, images: int) -> list[dict]:
         raise SystemExit(f"{run}: no probe_run*/checkpoints/last.pt (not a probe-training affinity run)")
     specs = [registry[t] for t in all_tasks]
     data = prepare_data(cfg.data, registry, all_tasks)
+    device = pick_device()
     rng = np.random.default_rng(0)
     marker_batches = {}
     for structure, task in MARKERS.items():
         positions = rng.choice(data.train.size(task), images, replace=False).tolist()
-        marker_batches[structure] = data.train.batch(task, positions)
+        marker_batches[structure] = data.train.batch(task, positions).to(device)
     values = {(t, s): [] for t in shown for s in MARKERS}
     for checkpoint in checkpoints:
         model = build_model(cfg.model, specs)
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
-        model.eval()
+        model.to(device).eval()
         for structure, batch in marker_batches.items():
             mask = (batch.targets > 0).float()[:, None]
             for task in shown:
@@ -86,7 +87,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16, help="images of each marker task")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_flush_denormal(True)
     configure_cpu()
     rows = focus(args.run, args.tasks, args.images)
     report(f"attribution mass per unit area on each planted structure ({args.run})", rows, args.json)
