@@ -360,9 +360,8 @@ def best_proposals(
     chosen). ``rule="knee"``: on the predicted gain / networks front of the proposals, with AU
     (one network) as its first point, the knee (:func:`front_knee`); the highest-gain proposal
     with that many networks. Without a knee (a front of fewer than three points, or a straight
-    or convex one), or ``rule="tolerance"``: the
-    fewest networks within ``tolerance`` of the highest predicted mean gain (highest gain among
-    those)."""
+    or convex one), or ``rule="tolerance"``: the fewest networks within ``tolerance`` of the
+    highest predicted mean gain (highest gain among those)."""
     best: dict[str, Proposal] = {}
     for estimator in dict.fromkeys(p.estimator for p in proposals):
         mine = [p for p in proposals if p.estimator == estimator and p.method not in REFERENCES]
