@@ -1,13 +1,14 @@
 """Where each trained head looks: attribution mass on each planted structure of the synthetic benchmark.
 
-    python benchmarks/attribution_focus.py RUN [--tasks T ...] [--images 16] [--json OUT]
+    python benchmarks/attribution_focus.py RUN [--tasks T ...] [--images 16] [--layer features|input] [--json OUT]
 
 RUN is a `taskgroup affinity` folder whose probe trainings kept their checkpoints
 (`probe_run*/checkpoints/last.pt`, e.g. `--method readout attribution`). For every probe
 training, every task's head is read as the `attribution` estimator reads it
 (`taskgroup.affinity.probes.attribution_maps`: the label-free head score's `sum_c |F_c *
-ds/dF_c|` per token of the shared feature map, each map divided by its sum) on images of three
-segmentation tasks whose masks mark one planted structure each (breast_lesion: the blob,
+ds/dF_c|` per token of the shared feature map, or of the patch embeddings with `--layer input`
+(default: the run's `affinity.attribution_layer`), each map divided by its sum) on images of
+three segmentation tasks whose masks mark one planted structure each (breast_lesion: the blob,
 thyroid_nodule: the texture patch, lung: the lines). Reported per task and structure: the map's
 mass inside the structure's mask divided by the mask's share of the image (1 = no preference, as
 a uniform map), averaged over the images and the probe trainings. A head whose map sits on its
@@ -39,8 +40,9 @@ from taskgroup.training.pretrain import resolve_pretrained
 MARKERS = {"blob": "breast_lesion", "texture": "thyroid_nodule", "lines": "lung"}
 
 
-def focus(run: Path, tasks: list[str] | None, images: int) -> list[dict]:
+def focus(run: Path, tasks: list[str] | None, images: int, layer: str | None = None) -> list[dict]:
     cfg = resolve_pretrained(load_run_config(run / "config.yaml"))
+    layer = layer or cfg.affinity.attribution_layer
     registry = load_registry(cfg.registry)
     all_tasks = list(registry.ids)
     shown = tasks or all_tasks
@@ -66,7 +68,7 @@ def focus(run: Path, tasks: list[str] | None, images: int) -> list[dict]:
         for structure, batch in marker_batches.items():
             mask = (batch.targets > 0).float()[:, None]
             for task in shown:
-                maps = attribution_maps(model, task, registry[task].kind, batch.images)
+                maps = attribution_maps(model, task, registry[task].kind, batch.images, layer=layer)
                 maps = maps / maps.sum(dim=(1, 2), keepdim=True)
                 share = F.adaptive_avg_pool2d(mask, maps.shape[-2:])[:, 0]
                 inside = (maps * share).sum(dim=(1, 2)) / share.mean(dim=(1, 2)).clamp_min(1e-6)
@@ -86,10 +88,19 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--images", type=int, default=16, help="images of each marker task")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--layer",
+        choices=["features", "input"],
+        default=None,
+        help="default: the run's affinity.attribution_layer",
+    )
     args = parser.parse_args()
     configure_cpu()
-    rows = focus(args.run, args.tasks, args.images)
-    report(f"attribution mass per unit area on each planted structure ({args.run})", rows, args.json)
+    rows = focus(args.run, args.tasks, args.images, args.layer)
+    title = (
+        f"attribution mass per unit area on each planted structure ({args.run}, {args.layer or 'run'} layer)"
+    )
+    report(title, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -294,7 +294,9 @@ class AffinityConfig:
     ``probe_batch`` images per task (None: ``data.batch_size``). ``blocks``: measure on the
     shared parameters of the last N encoder blocks only (0: all shared parameters).
     ``readout`` is read at the end of that training on ``readout_batches`` batches per task,
-    ``attribution`` on a shared probe set of ``attribution_images`` images of every task.
+    ``attribution`` on a shared probe set of ``attribution_images`` images of every task, at
+    ``attribution_layer``: ``features`` (the shared feature map every head reads) or ``input``
+    (the patch embeddings, before the encoder mixes the tokens).
     ``runs``: the probe training is repeated with seeds ``train.seed``, ``train.seed + 1``, ...
     and every probe method averages its matrices over the runs.
     ``correction``: how the task-type confound is removed from the gradient-based matrices
@@ -309,6 +311,7 @@ class AffinityConfig:
     blocks: int = 0
     readout_batches: int = 4
     attribution_images: int = 4
+    attribution_layer: Literal["features", "input"] = "features"
     runs: int = 1
     correction: Literal["none", "type_centre", "type_scale"] = "type_centre"
     steps_per_task: int | None = None

@@ -330,36 +330,60 @@ def test_attribution_similarity_by_hand():
 
 class ManualAttribution(Callback):
     """At the end of training, redoes the attribution maps of a segmentation and a
-    classification task by hand, on the shared probe set (``images`` of every task)."""
+    classification task by hand, on the shared probe set (``images`` of every task), at the
+    shared feature map or (``layer="input"``) at the patch embeddings: computed once, made a
+    leaf, and handed to the encoder in place of its own patch embedding."""
 
-    def __init__(self, images: int) -> None:
-        self.images, self.maps = images, {}
+    def __init__(self, images: int, layer: str = "features") -> None:
+        self.images, self.layer, self.maps = images, layer, {}
 
     def on_train_end(self, engine) -> None:
-        engine.model.eval()
+        model = engine.model
+        model.eval()
         images = torch.cat([engine.probe_batch(t, salt=300, size=self.images).images for t in engine.tasks])
         scores = {
             "breast_lesion": lambda out: out.softmax(dim=1)[:, 1:].sum(),  # foreground mass
             "lung_2cls": lambda out: out.log_softmax(dim=1).max(dim=1).values.sum(),  # predicted class
         }
         for task, score in scores.items():
-            features = engine.model.features(images, task).detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(score(engine.model.heads[task](features)), features)
-            self.maps[task] = (features * grad).detach().abs().sum(dim=1).flatten(1).double().numpy()
-        engine.model.train()
+            if self.layer == "features":
+                leaf = model.features(images, task).detach().requires_grad_(True)
+                out = model.heads[task](leaf)
+            else:
+                embed = model.backbone.patch_embed
+                leaf = embed(images).detach().requires_grad_(True)
+                embed.forward = lambda _x, leaf=leaf: leaf
+                try:
+                    out = model(images, task)
+                finally:
+                    del embed.forward  # back to the class's forward
+            (grad,) = torch.autograd.grad(score(out), leaf)
+            channels = 1 if self.layer == "features" else -1  # the embeddings are (N, h, w, C)
+            self.maps[task] = (leaf * grad).detach().abs().sum(dim=channels).flatten(1).double().numpy()
+        model.train()
 
 
-def test_attribution_map_is_gradient_times_feature_per_token(tiny_synth, registry, tmp_path):
+@pytest.mark.parametrize("layer", ["features", "input"])
+def test_attribution_map_is_gradient_times_feature_per_token(tiny_synth, registry, tmp_path, layer):
     cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
     data = prepare_data(cfg.data, registry, TASKS)
-    probe = AffinityProbe(every=100, lookahead=False, gradient=False, attribution=True, attribution_images=3)
-    manual = ManualAttribution(images=3)
+    probe = AffinityProbe(
+        every=100,
+        lookahead=False,
+        gradient=False,
+        attribution=True,
+        attribution_images=3,
+        attribution_layer=layer,
+    )
+    manual = ManualAttribution(images=3, layer=layer)
     train_network(cfg, registry, TASKS, tmp_path / "run", "n", data, [probe, manual])
-    assert probe.maps.shape[:2] == (len(TASKS), 3 * len(TASKS))  # 3 images of every task, shared
+    tokens = (cfg.data.image_size // cfg.model.backbone.patch_size) ** 2
+    assert probe.maps.shape == (len(TASKS), 3 * len(TASKS), tokens)  # 3 images of every task, shared
     for task, expected in manual.maps.items():
         assert np.allclose(probe.maps[TASKS.index(task)], expected, rtol=1e-5), task
     assert probe.steps["attribution"] == [4] and set(probe.values) == {"attribution"}  # once, at the end
     assert np.allclose(probe.matrices()["attribution"], attribution_similarity(probe.maps))
+    assert not np.allclose(probe.maps[TASKS.index("breast_lesion")], probe.maps[TASKS.index("lung_2cls")])
 
 
 # -- the job queue ------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ And once, at the end of the training:
   same images, whatever task they come from); per task, a label-free score of its head's output
   (:data:`HEAD_SCORES`: predicted foreground mass, log-probability of the predicted class, box
   or keypoint coordinates) and its attribution map ``m_t[n, k] = sum_c |F_c * ds_t/dF_c|`` over
-  the tokens k of image n (gradient times input, summed over channels). Each map is divided
+  the tokens k of image n (gradient times input, summed over channels), F the shared feature map
+  or, with ``attribution_layer="input"``, the patch embeddings. Each map is divided
   by its sum and centred over its tokens, then centred by the mean map over the tasks on that
   image (what every head looks at says nothing about a pair); ``R[i, j]`` is the cosine of the
   maps of i and j averaged over the images. The transferability-from-attribution-maps idea
@@ -101,18 +102,41 @@ HEAD_SCORES = {
 
 
 def attribution_maps(
-    model: M2DINO, task: str, kind: TaskKind, images: torch.Tensor, autocast=contextlib.nullcontext
+    model: M2DINO,
+    task: str,
+    kind: TaskKind,
+    images: torch.Tensor,
+    autocast=contextlib.nullcontext,
+    layer: str = "features",
 ) -> torch.Tensor:
-    """Where ``task``'s head looks on ``images``: ``sum_c |F_c * ds/dF_c|`` per token of the shared
-    feature map F (N, h, w), for the label-free score s of :data:`HEAD_SCORES`; ``autocast`` is
-    the engine's mixed-precision context (none on the CPU)."""
-    with torch.no_grad(), autocast():
-        features = model.features(images, task)
-    features = features.float().requires_grad_(True)
-    with autocast():
-        output = model.heads[task](features)
-    (grad,) = torch.autograd.grad(HEAD_SCORES[kind](output), features)
-    return (features * grad).detach().abs().sum(dim=1)
+    """Where ``task``'s head looks on ``images``: ``sum_c |F_c * ds/dF_c|`` per token (N, h, w),
+    for the label-free score s of :data:`HEAD_SCORES`; ``autocast`` is the engine's
+    mixed-precision context (none on the CPU). ``layer``: F is the shared feature map
+    (``features``: what the head reads) or the patch embeddings (``input``: the encoder's
+    attention lets any token of the shared map carry a structure from elsewhere, so a pooled
+    head's map there is spread; on the patch embeddings the attribution goes back to where the
+    structure is, as in the input attribution maps of Song et al. 2019)."""
+    if layer == "features":
+        with torch.no_grad(), autocast():
+            features = model.features(images, task)
+        features = features.float().requires_grad_(True)
+        with autocast():
+            output = model.heads[task](features)
+        (grad,) = torch.autograd.grad(HEAD_SCORES[kind](output), features)
+        return (features * grad).detach().abs().sum(dim=1)
+    if layer != "input":
+        raise ValueError(f"attribution layer must be 'features' or 'input', got {layer!r}")
+    images = images.detach().requires_grad_(True)  # a graph to the embeddings with a frozen encoder too
+    captured: list[torch.Tensor] = []
+    hook = model.backbone.patch_embed.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with autocast():
+            output = model(images, task)
+    finally:
+        hook.remove()
+    (embedded,) = captured  # (N, h, w, C) patch tokens, before the prefix tokens are added
+    (grad,) = torch.autograd.grad(HEAD_SCORES[kind](output), embedded)
+    return (embedded.float() * grad.float()).detach().abs().sum(dim=-1)
 
 
 def probe_parameters(model: M2DINO, blocks: int = 0) -> list[nn.Parameter]:
@@ -143,6 +167,7 @@ class AffinityProbe(Callback):
         readout_batches: int = 4,
         attribution: bool = False,
         attribution_images: int = 4,
+        attribution_layer: str = "features",
     ) -> None:
         if not (lookahead or gradient or readout or attribution):
             raise ValueError(
@@ -157,6 +182,7 @@ class AffinityProbe(Callback):
         self.profiles: np.ndarray | None = None  # (tasks, channels) readout profiles
         self.attribution = attribution
         self.attribution_images = attribution_images
+        self.attribution_layer = attribution_layer
         self.maps: np.ndarray | None = None  # (tasks, images, tokens) attribution maps
         self.blocks = blocks
         self.batch = batch
@@ -198,17 +224,17 @@ class AffinityProbe(Callback):
 
     # -- the probe ----------------------------------------------------------------------------
     def _loss(self, engine: Engine, task: str, batch) -> torch.Tensor:
-        with engine._autocast():
-            return engine.loss(task, engine.model(engine._images(batch), task), batch)
+        with engine.autocast():
+            return engine.loss(task, engine.model(engine.images(batch), task), batch)
 
     @torch.no_grad()
     def _all_losses(self, engine: Engine, tasks: list[str], batches) -> np.ndarray:
         """Every task's loss on its own batch, in one batched forward of the encoder (per-sample
         task routing), then each head on its slice: 27 small forwards cost more on a CPU."""
-        images = torch.cat([engine._images(batches[t]) for t in tasks])
+        images = torch.cat([engine.images(batches[t]) for t in tasks])
         ids = [t for t in tasks for _ in range(batches[t].images.shape[0])]
         out = np.zeros(len(tasks))
-        with engine._autocast():
+        with engine.autocast():
             features = engine.model.features(images, ids)
             start = 0
             for k, task in enumerate(tasks):
@@ -315,8 +341,8 @@ class AffinityProbe(Callback):
             total = None
             for salt in range(self.readout_batches):
                 batch = engine.probe_batch(task, salt=100 + salt, size=self.batch)
-                with engine._autocast():
-                    features = model.features(engine._images(batch), task).detach().requires_grad_(True)
+                with engine.autocast():
+                    features = model.features(engine.images(batch), task).detach().requires_grad_(True)
                     loss = engine.loss(task, model.heads[task](features), batch)
                 (grad,) = torch.autograd.grad(loss, features)
                 part = (features * grad).detach().abs().float().mean(dim=(0, 2, 3)).double().cpu()
@@ -340,11 +366,13 @@ class AffinityProbe(Callback):
         was_training = model.training
         model.eval()
         images = torch.cat(
-            [engine._images(engine.probe_batch(t, salt=300, size=self.attribution_images)) for t in tasks]
+            [engine.images(engine.probe_batch(t, salt=300, size=self.attribution_images)) for t in tasks]
         )
         maps = []
         for task in tasks:
-            found = attribution_maps(model, task, engine.tasks[task].kind, images, engine._autocast)
+            found = attribution_maps(
+                model, task, engine.tasks[task].kind, images, engine.autocast, self.attribution_layer
+            )
             maps.append(found.flatten(1).double().cpu())
         model.train(was_training)
         self.maps = torch.stack(maps).numpy()

@@ -111,6 +111,7 @@ def run_probes(
             readout_batches=aff.readout_batches,
             attribution="attribution" in aff.methods,
             attribution_images=aff.attribution_images,
+            attribution_layer=aff.attribution_layer,
         )
         run_dir = out_dir / ("probe_run" if run == 0 else f"probe_run_{run}")
         saved = run_dir / "probes.pt"
@@ -294,10 +295,11 @@ def run_affinity(
                 "attribution",
                 {
                     "reported": "cosine similarity of the tasks' attribution maps (|F * ds/dF| summed over "
-                    "the channels of the shared feature map, per token, for a label-free score s of each "
-                    "head's output) on a shared probe set, averaged over its images and over runs, then "
-                    "corrected",
+                    "the channels of F, per token, for a label-free score s of each head's output; F the "
+                    "shared feature map, or the patch embeddings with attribution_layer 'input') on a "
+                    "shared probe set, averaged over its images and over runs, then corrected",
                     "attribution_images_per_task": aff.attribution_images,
+                    "attribution_layer": aff.attribution_layer,
                 },
                 {"uncorrected": mean["attribution"]},
             )

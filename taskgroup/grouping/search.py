@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -354,7 +354,7 @@ def front_knee(front: Sequence[tuple[int, float]]) -> int | None:
 
 
 def best_proposals(
-    proposals: Sequence[Proposal], tolerance: float, rule: str = "knee"
+    proposals: Sequence[Proposal], tolerance: float, rule: Literal["knee", "tolerance"] = "knee"
 ) -> dict[str, Proposal]:
     """Per estimator, the proposal the search recommends (TS, CG and AU are references, never
     chosen). ``rule="knee"``: on the predicted gain / networks front of the proposals, with AU

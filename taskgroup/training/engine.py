@@ -204,8 +204,8 @@ class Engine:
             for start in range(0, n, self.data_cfg.batch_size):
                 positions = list(range(start, min(n, start + self.data_cfg.batch_size)))
                 batch = data.batch(task, positions).to(self.device)
-                with self._autocast():
-                    output = self.model(self._images(batch), task)
+                with self.autocast():
+                    output = self.model(self.images(batch), task)
                 for pred, pos in zip(
                     decode_outputs(spec, output, batch, data.records(task)), positions, strict=True
                 ):
@@ -215,11 +215,14 @@ class Engine:
         return scores
 
     # -- the loop ---------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The mixed-precision context of a forward pass: bfloat16 on CUDA when ``train.amp``,
+        none on the CPU (callbacks that run the model use it too)."""
         enabled = self.cfg.amp and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _images(self, batch: Batch) -> torch.Tensor:
+    def images(self, batch: Batch) -> torch.Tensor:
+        """A batch's images as the model takes them (channels-last on CUDA when asked)."""
         if self.cfg.channels_last and self.device.type == "cuda":
             return batch.images.contiguous(memory_format=torch.channels_last)
         return batch.images
@@ -251,8 +254,8 @@ class Engine:
         """One optimiser step on one task's batch."""
         batch = self.next_batch()
         task = batch.task_id
-        with self._autocast():
-            loss = self.loss(task, self.network(self._images(batch), task), batch)
+        with self.autocast():
+            loss = self.loss(task, self.network(self.images(batch), task), batch)
             total = self.cfg.loss_weights.get(task, 1.0) * loss + self.model.aux_loss()
         if not torch.isfinite(total):
             path = self.save_checkpoint()
