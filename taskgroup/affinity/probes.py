@@ -56,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ def attribution_maps(
     kind: TaskKind,
     images: torch.Tensor,
     autocast=contextlib.nullcontext,
-    layer: str = "features",
+    layer: Literal["features", "input"] = "features",
 ) -> torch.Tensor:
     """Where ``task``'s head looks on ``images``: ``sum_c |F_c * ds/dF_c|`` per token (N, h, w),
     for the label-free score s of :data:`HEAD_SCORES`; ``autocast`` is the engine's
@@ -134,9 +134,10 @@ def attribution_maps(
             output = model(images, task)
     finally:
         hook.remove()
-    (embedded,) = captured  # (N, h, w, C) patch tokens, before the prefix tokens are added
+    (embedded,) = captured  # the patch tokens, channels last, before the prefix tokens are added
     (grad,) = torch.autograd.grad(HEAD_SCORES[kind](output), embedded)
-    return (embedded.float() * grad.float()).detach().abs().sum(dim=-1)
+    per_token = (embedded.float() * grad.float()).detach().abs().sum(dim=-1)  # (N, h, w) or (N, h*w)
+    return per_token.reshape(len(per_token), model.image_size // model.patch_size, -1)
 
 
 def probe_parameters(model: M2DINO, blocks: int = 0) -> list[nn.Parameter]:
@@ -167,7 +168,7 @@ class AffinityProbe(Callback):
         readout_batches: int = 4,
         attribution: bool = False,
         attribution_images: int = 4,
-        attribution_layer: str = "features",
+        attribution_layer: Literal["features", "input"] = "features",
     ) -> None:
         if not (lookahead or gradient or readout or attribution):
             raise ValueError(
