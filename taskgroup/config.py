@@ -313,7 +313,7 @@ class AffinityConfig:
     attribution_images: int = 4
     attribution_layer: Literal["features", "input"] = "features"
     runs: int = 1
-    correction: Literal["none", "type_centre", "type_scale"] = "type_centre"
+    correction: Literal["none", "type_centre", "type_scale", "type_task_centre"] = "type_centre"
     steps_per_task: int | None = None
     trained_steps_per_task: int = 60
     subset_size: int = 6

@@ -61,6 +61,13 @@ def test_type_centre_removes_each_type_block_mean_and_keeps_the_diagonal():
     assert out[2, 3] == 2 and out[3, 2] == -2  # cls->cls {5, 1}: mean 3
     scaled = correct(a, types, "type_scale")
     assert scaled[0, 2] == pytest.approx(-3 / np.std([2.0, 4.0, 6.0, 8.0]) * 1)
+    # type_task_centre on the type_centre result: off-diagonal row means -5/3, 5/3, -2/3, 2/3,
+    # column means -1/3, 1/3, -4/3, 4/3, overall mean 0
+    levelled = correct(a, types, "type_task_centre")
+    assert np.allclose(np.diag(levelled), 9.0)
+    assert levelled[0, 1] == pytest.approx(-1 + 5 / 3 - 1 / 3)
+    assert levelled[1, 0] == pytest.approx(1 - 5 / 3 + 1 / 3)
+    assert levelled[2, 3] == pytest.approx(2 + 2 / 3 - 4 / 3)
     with pytest.raises(ValueError, match="unknown correction"):
         correct(a, types, "zscore")
 

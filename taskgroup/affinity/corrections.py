@@ -13,7 +13,11 @@ on a measured matrix ``A`` (source rows, target columns) and leave its diagonal 
   benchmark balances types across its planted groups; FM_UIA has 12 seg, 9 cls, 3 det, 3 reg);
 - ``type_scale``: ``type_centre``, then divide each block by the standard deviation of its
   off-diagonal entries, so that types whose probes are louder (segmentation's dense losses) do
-  not dominate a partition.
+  not dominate a partition;
+- ``type_task_centre``: ``type_centre``, then remove each task's own level: subtract each
+  source's mean over its targets and each target's mean over its sources, add back the overall
+  mean (off-diagonal entries, one pass). A task that is near everything (a spread attribution
+  map resembles every broad one) says nothing about a pair by that alone.
 
 A block with a single off-diagonal entry is left at 0 by ``type_centre`` (its mean is itself).
 The measured effect of each on the synthetic benchmark is in the README (benchmarks/affinity.py).
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-CORRECTIONS = ("none", "type_centre", "type_scale")
+CORRECTIONS = ("none", "type_centre", "type_scale", "type_task_centre")
 
 
 def correct(matrix: np.ndarray, types: Sequence[str], method: str) -> np.ndarray:
@@ -47,4 +51,9 @@ def correct(matrix: np.ndarray, types: Sequence[str], method: str) -> np.ndarray
                 std = out[block].std()
                 if std > 0:
                     out[block] /= std
+    if method == "type_task_centre":
+        values = np.where(off, out, np.nan)
+        rows = np.nanmean(values, axis=1, keepdims=True)
+        cols = np.nanmean(values, axis=0, keepdims=True)
+        out[off] = (out - rows - cols + np.nanmean(values))[off]
     return out
