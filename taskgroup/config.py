@@ -299,8 +299,8 @@ class AffinityConfig:
     (the patch embeddings, before the encoder mixes the tokens).
     ``runs``: the probe training is repeated with seeds ``train.seed``, ``train.seed + 1``, ...
     and every probe method averages its matrices over the runs.
-    ``correction``: how the task-type confound is removed from the gradient-based matrices
-    (see :mod:`taskgroup.affinity.corrections`). Trained estimators (``pairwise``, ``subsets``)
+    ``correction``: how the task-type confound (and, with ``type_task_centre``, each task's own
+    level) is removed from the probe matrices (see :mod:`taskgroup.affinity.corrections`). Trained estimators (``pairwise``, ``subsets``)
     run networks of ``trained_steps_per_task`` steps per task as jobs of an Optuna study on
     ``storage`` (None: a SQLite file in the output folder)."""
 
