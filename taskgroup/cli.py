@@ -28,7 +28,7 @@ from rich.table import Table
 from taskgroup.config import AFFINITY_METHODS
 from taskgroup.data.fmuia import find_roots, load_index
 from taskgroup.data.submission import read_predictions
-from taskgroup.data.synthetic import SCALES, generate
+from taskgroup.data.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, SCALES, generate
 from taskgroup.errors import TaskgroupError
 from taskgroup.evaluation import METRIC_COLUMNS, evaluate_predictions
 from taskgroup.metrics import LEADERBOARD_COLUMNS
@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", choices=sorted(SCALES), default="small", help="dataset size (tiny is for tests)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--version",
+        type=int,
+        choices=GENERATOR_VERSIONS,
+        default=GENERATOR_VERSION,
+        help="generator (3: before the label-last placement, for figures measured on it)",
+    )
     p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
     p.add_argument("--registry", type=Path, default=None)
     p.set_defaults(func=cmd_synth)
@@ -316,6 +323,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             args.seed,
             args.workers,
             progress=lambda done, total: progress.update(bar, completed=done, total=total),
+            version=args.version,
         )
     total = {split: sum(c.values()) for split, c in summary.counts.items()}
     console.print(

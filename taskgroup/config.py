@@ -236,6 +236,8 @@ class DataConfig:
     root: str | None = None
     synthetic_scale: Literal["tiny", "small", "medium"] = "small"
     synthetic_seed: int = 0
+    # 4: the structure carrying a classification label placed last (no label leak); 3: before
+    synthetic_version: Literal[3, 4] = 4
     cache_dir: str = "~/.cache/taskgroup"
     image_size: int = 64
     val_fraction: float = 0.2  # carved from train (per image) when the data has no val/ root

@@ -33,7 +33,7 @@ from taskgroup.data import (
     load_index,
     split_index,
 )
-from taskgroup.data.synthetic import GENERATOR_VERSION, generate
+from taskgroup.data.synthetic import generate
 from taskgroup.tasks import TaskRegistry
 
 log = logging.getLogger("taskgroup")
@@ -57,11 +57,16 @@ def generate_once(target: Path, make: Callable[[Path], object]) -> Path:
 
 def synthetic_root(cfg: DataConfig, registry: TaskRegistry) -> Path:
     """The synthetic benchmark in the cache folder, generated on first use."""
-    name = f"synthetic-v{GENERATOR_VERSION}-{cfg.synthetic_scale}-seed{cfg.synthetic_seed}"
+    name = f"synthetic-v{cfg.synthetic_version}-{cfg.synthetic_scale}-seed{cfg.synthetic_seed}"
     root = Path(os.path.expanduser(cfg.cache_dir)) / name
     if not root.is_dir():
         log.info("generating the synthetic benchmark (%s) into %s", cfg.synthetic_scale, root)
-    return generate_once(root, lambda tmp: generate(tmp, registry, cfg.synthetic_scale, cfg.synthetic_seed))
+    return generate_once(
+        root,
+        lambda tmp: generate(
+            tmp, registry, cfg.synthetic_scale, cfg.synthetic_seed, version=cfg.synthetic_version
+        ),
+    )
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from taskgroup.config import DataConfig, MoEConfig, RunConfig, TrainConfig, config_hash
-from taskgroup.data.synthetic import GENERATOR_VERSION, PRETEXT_TASKS, generate_pretext, pretext_registry
+from taskgroup.data.synthetic import PRETEXT_TASKS, PRETEXT_VERSION, generate_pretext, pretext_registry
 from taskgroup.training.data import generate_once, prepare_data
 from taskgroup.training.run import train_network
 
@@ -34,12 +34,12 @@ def synthetic_encoder(cfg: RunConfig) -> Path:
     images, steps = cfg.data.pretext_images, cfg.data.pretext_steps
     backbone = dataclasses.replace(cfg.model.backbone, pretrained=None, freeze_blocks=0, freeze_encoder=False)
     cache = Path(os.path.expanduser(cfg.data.cache_dir))
-    key = config_hash({"backbone": backbone, "images": images, "steps": steps, "version": GENERATOR_VERSION})
+    key = config_hash({"backbone": backbone, "images": images, "steps": steps, "version": PRETEXT_VERSION})
     path = cache / "encoders" / f"synthetic-{key}.safetensors"
     if path.is_file():
         return path
     root = generate_once(
-        cache / f"pretext-v{GENERATOR_VERSION}-{images}", lambda tmp: generate_pretext(tmp, images)
+        cache / f"pretext-v{PRETEXT_VERSION}-{images}", lambda tmp: generate_pretext(tmp, images)
     )
     pretext_cfg = RunConfig(
         model=dataclasses.replace(cfg.model, backbone=backbone, moe=MoEConfig(mode="dense")),
