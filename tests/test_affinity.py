@@ -116,6 +116,25 @@ def test_planted_separation_on_a_known_matrix():
     sep = planted_separation(a, [0, 0, 1, 1])
     assert sep["within"] == 2.5 and sep["across"] == -1.25 and sep["gap"] == 3.75
     assert sep["gap_sd"] == pytest.approx(3.75 / np.std([-2, -2, -1, -1, -1, -1, -1, -1]))
+    assert sep["misplaced"] == []
+
+
+def test_planted_separation_names_the_tasks_nearer_another_group():
+    # task c (group 0) with a: 0.1 and -0.3 (mean -0.1); with group 1 (b: 0, 0; d: 0.2, 0.4)
+    # mean 0.15 -> nearer group 1; task a: with c -0.1, with b and d 0 -> nearer group 1 too;
+    # the NaN entry (b -> d) is left out of the means, not counted as 0
+    a = np.array(
+        [
+            [9.0, 0.0, 0.1, 0.0],
+            [0.0, 9.0, 0.0, np.nan],
+            [-0.3, 0.0, 9.0, 0.2],
+            [0.0, 0.5, 0.4, 9.0],
+        ]
+    )
+    sep = planted_separation(a, [0, 1, 0, 1], ["a", "b", "c", "d"])
+    # b: own group (d) mean 0.5 (one finite entry), group 0 mean 0 -> in place; d: to b 0.5,
+    # to a, c (0 + 0 + 0.4 + 0.2) / 4 = 0.15 -> in place
+    assert sep["misplaced"] == ["a", "c"]
 
 
 # -- probes ------------------------------------------------------------------------------------

@@ -162,20 +162,38 @@ def off_diagonal(matrix: np.ndarray) -> np.ndarray:
     return ~np.eye(len(matrix), dtype=bool) & np.isfinite(matrix)
 
 
-def planted_separation(matrix: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
-    """Mean off-diagonal affinity within planted groups and across them, and the gap in units
-    of the across-pairs' standard deviation (how clearly the truth shows)."""
+def planted_separation(
+    matrix: np.ndarray, labels: Sequence[int], tasks: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Mean off-diagonal affinity within planted groups and across them, the gap in units of
+    the across-pairs' standard deviation (how clearly the truth shows), and the tasks nearer
+    another planted group than their own (``misplaced``: per task the mean of the symmetrised
+    affinity, both directions, to the other members of each group; a partition built from the
+    matrix can hardly put such a task in its own group)."""
     labels = np.asarray(labels)
     same = np.equal.outer(labels, labels)
     mask = off_diagonal(matrix)
     within, across = matrix[mask & same], matrix[mask & ~same]
     spread = across.std() if across.size > 1 else float("nan")
     gap = within.mean() - across.mean()
+    names = list(tasks) if tasks is not None else [str(i) for i in range(len(labels))]
+    both = np.where(mask, matrix, 0.0) + np.where(mask, matrix, 0.0).T
+    count = mask.astype(float) + mask.T.astype(float)
+    misplaced = []
+    for i, own in enumerate(labels):
+        means = {}
+        for g in np.unique(labels):
+            members = (labels == g) & (count[i] > 0)
+            if members.any():
+                means[g] = both[i, members].sum() / count[i, members].sum()
+        if own in means and max(means.values()) > means[own]:
+            misplaced.append(names[i])
     return {
         "within": float(within.mean()),
         "across": float(across.mean()),
         "gap": float(gap),
         "gap_sd": float(gap / spread) if spread and spread > 0 else float("nan"),
+        "misplaced": misplaced,
     }
 
 
@@ -257,5 +275,6 @@ def print_summary(
     if separation:
         console.print(
             f"{method}: planted groups: within {separation['within']:+.4g}, across {separation['across']:+.4g}, "
-            f"gap {separation['gap_sd']:+.2f} sd"
+            f"gap {separation['gap_sd']:+.2f} sd; nearer another group than their own: "
+            f"{', '.join(separation.get('misplaced', [])) or 'none'}"
         )

@@ -73,15 +73,15 @@ class AffinityResult:
     tasks: list[str]
     matrices: dict[str, np.ndarray]  # method -> reported matrix
     folders: dict[str, Path]
-    separation: dict[str, dict[str, float]]  # method -> planted-group separation (synthetic data)
+    separation: dict[str, dict[str, Any]]  # method -> planted-group separation (synthetic data)
 
 
 def _types(tasks: Sequence[str], registry: TaskRegistry) -> list[str]:
     return [registry[t].kind.short for t in tasks]
 
 
-def _separation(matrix: np.ndarray, tasks: Sequence[str], synthetic: bool) -> dict[str, float] | None:
-    return planted_separation(matrix, planted_labels(tasks)) if synthetic else None
+def _separation(matrix: np.ndarray, tasks: Sequence[str], synthetic: bool) -> dict[str, Any] | None:
+    return planted_separation(matrix, planted_labels(tasks), tasks) if synthetic else None
 
 
 def run_probes(
@@ -220,7 +220,7 @@ def run_affinity(
     types = _types(tasks, registry)
     matrices: dict[str, np.ndarray] = {}
     folders: dict[str, Path] = {}
-    separation: dict[str, dict[str, float]] = {}
+    separation: dict[str, dict[str, Any]] = {}
     config = to_mapping(cfg)
 
     def report(method: str, matrix: np.ndarray, rows, meta, quantities=None) -> None:
