@@ -14,59 +14,12 @@ the label better lets a task be learnt from, and its head look at, the wrong str
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-import numpy as np
 from report import report
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.model_selection import cross_val_score
 
-from taskgroup.data.synthetic import (
-    CLASS_FACTORS,
-    LABEL_TRIES,
-    SCANNERS,
-    SECTOR_FACTORS,
-    TASK_FACTORS,
-    sample_scene,
-    structure_of,
-    visible_region,
-)
+from taskgroup.data.synthetic import CLASS_FACTORS, SECTOR_FACTORS, label_leak
 from taskgroup.tasks import load_registry
-
-
-def geometry(scene) -> dict[str, list[float]]:
-    """Where each structure lies and how big it is, in shares of the image."""
-    height, width = scene.scanner.size
-    b, p, ln = scene.blob, scene.patch, scene.lines
-    mid = (np.array(ln.tail) + np.array(ln.head)) / 2
-    return {
-        "blob": [b.cx / width, b.cy / height, b.a / width],
-        "texture": [p.cx / width, p.cy / height, p.half_length / width],
-        "lines": [mid[0] / width, mid[1] / height, math.dist(ln.tail, ln.head) / width],
-    }
-
-
-def leak(task: str, registry, layout: dict, scenes: int) -> dict[str, float]:
-    spec, factor = registry[task], CLASS_FACTORS[task]
-    scanner = SCANNERS[spec.clinical_group]
-    region = visible_region(scanner)
-    rng = np.random.default_rng(0)
-    rows, labels = [], []
-    for i in range(scenes):
-        c = i % spec.num_classes
-        rows.append(geometry(sample_scene(rng, scanner, region, i, {factor: c}, **layout)))
-        labels.append(c)
-    own = TASK_FACTORS[task].structure
-    return {
-        s: float(
-            cross_val_score(
-                HistGradientBoostingClassifier(max_iter=60), np.array([r[s] for r in rows]), labels, cv=4
-            ).mean()
-        )
-        for s in ("blob", "texture", "lines")
-        if s != own
-    }
 
 
 def main() -> None:
@@ -78,8 +31,8 @@ def main() -> None:
     rows = []
     for task in sorted(CLASS_FACTORS):
         factor = CLASS_FACTORS[task]
-        v3 = leak(task, registry, {}, args.scenes)
-        v4 = leak(task, registry, {"last": structure_of(factor), "tries": LABEL_TRIES}, args.scenes)
+        v3 = label_leak(registry[task], args.scenes, version=3)
+        v4 = label_leak(registry[task], args.scenes, version=4)
         rows.append(
             {
                 "task": task,

@@ -18,6 +18,7 @@ from taskgroup.data.synthetic import (
     SCANNERS,
     TASK_FACTORS,
     generate,
+    label_leak,
     planted_groups,
     planted_labels,
     rasterise,
@@ -148,42 +149,6 @@ def test_fixed_factors_cycle_classes(registry):
                     assert task_target(spec, scene, rasterise(scene)) == c, (scanner.probe, task, c, seed)
 
 
-def _geometry(scene) -> dict[str, list[float]]:
-    """Where each structure lies and how big it is, in shares of the image."""
-    height, width = scene.scanner.size
-    b, p, ln = scene.blob, scene.patch, scene.lines
-    mid = (np.array(ln.tail) + np.array(ln.head)) / 2
-    return {
-        "blob": [b.cx / width, b.cy / height, b.a / width],
-        "texture": [p.cx / width, p.cy / height, p.half_length / width],
-        "lines": [mid[0] / width, mid[1] / height, math.dist(ln.tail, ln.head) / width],
-    }
-
-
-def _leak(task: str, registry, layout: dict, n: int = 360) -> dict[str, float]:
-    """Cross-validated accuracy of a task's label predicted from the geometry of each structure
-    other than its own, on n scenes with the label cycled (as the generator cycles it)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.model_selection import cross_val_score
-
-    spec, factor = registry[task], CLASS_FACTORS[task]
-    scanner = SCANNERS[spec.clinical_group]
-    region = visible_region(scanner)
-    rng = np.random.default_rng(0)
-    rows, labels = [], []
-    for i in range(n):
-        c = i % spec.num_classes
-        rows.append(_geometry(sample_scene(rng, scanner, region, i, {factor: c}, **layout)))
-        labels.append(c)
-    return {
-        s: cross_val_score(
-            HistGradientBoostingClassifier(max_iter=60), np.array([r[s] for r in rows]), labels, cv=4
-        ).mean()
-        for s in ("blob", "texture", "lines")
-        if s != TASK_FACTORS[task].structure
-    }
-
-
 @pytest.mark.parametrize("task", ["breast_2cls", "lung_2cls", "lung_disease_3cls"])
 def test_generator_4_keeps_labels_out_of_the_other_structures(task, registry):
     """Non-overlap makes the structures' positions depend on each other: placed blob, texture,
@@ -193,10 +158,10 @@ def test_generator_4_keeps_labels_out_of_the_other_structures(task, registry):
     then say nothing of the label (the sector labels are placed last without the every-class
     check and keep a weaker leak, see SECTOR_FACTORS)."""
     chance = 1 / registry[task].num_classes
-    leak = _leak(task, registry, {"last": structure_of(CLASS_FACTORS[task]), "tries": LABEL_TRIES})
+    leak = label_leak(registry[task], 360, version=4)
     assert max(leak.values()) < chance + 0.08, leak
     if task == "breast_2cls":
-        assert _leak(task, registry, {})["lines"] > 0.7
+        assert label_leak(registry[task], 360, version=3)["lines"] > 0.7
 
 
 def test_generator_4_gives_each_classification_task_its_own_shared_images(tmp_path, registry):

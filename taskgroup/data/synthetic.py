@@ -704,6 +704,49 @@ class SceneMasks:
     shadow: np.ndarray
 
 
+def structure_geometry(scene: Scene) -> dict[str, list[float]]:
+    """Where each structure of a scene lies and how big it is, in shares of the image width and
+    height: (x, y, size) of the blob, the texture patch and the main line's midpoint."""
+    height, width = scene.scanner.size
+    b, p, ln = scene.blob, scene.patch, scene.lines
+    mid = (np.array(ln.tail) + np.array(ln.head)) / 2
+    return {
+        "blob": [b.cx / width, b.cy / height, b.a / width],
+        "texture": [p.cx / width, p.cy / height, p.half_length / width],
+        "lines": [mid[0] / width, mid[1] / height, math.dist(ln.tail, ln.head) / width],
+    }
+
+
+def label_leak(spec: TaskSpec, scenes: int, version: int = GENERATOR_VERSION) -> dict[str, float]:
+    """How well a classification task's label can be read off the *other* structures: on
+    ``scenes`` scenes with the label cycled (as the generator cycles it) and the given
+    generator's layout, the 4-fold cross-validated accuracy of gradient-boosted trees
+    (scikit-learn) predicting the label from each other structure's :func:`structure_geometry`.
+    Chance is 1 / classes; above it, non-overlap tells the label through where the others lie."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.model_selection import cross_val_score
+
+    factor = CLASS_FACTORS[spec.id]
+    layout = {"last": structure_of(factor), "tries": LABEL_TRIES} if version >= 4 else {}
+    scanner = SCANNERS[spec.clinical_group]
+    region = visible_region(scanner)
+    rng = np.random.default_rng(0)
+    rows, labels = [], []
+    for i in range(scenes):
+        c = i % spec.num_classes
+        rows.append(structure_geometry(sample_scene(rng, scanner, region, i, {factor: c}, **layout)))
+        labels.append(c)
+    return {
+        s: float(
+            cross_val_score(
+                HistGradientBoostingClassifier(max_iter=60), np.array([r[s] for r in rows]), labels, cv=4
+            ).mean()
+        )
+        for s in STRUCTURES
+        if s != TASK_FACTORS[spec.id].structure
+    }
+
+
 CORE = 0.4  # the texture patch's core, as a share of its half-sizes (outer stripes dominate)
 
 
