@@ -177,7 +177,8 @@ def planted_separation(
     spread = across.std() if across.size > 1 else float("nan")
     gap = within.mean() - across.mean()
     names = list(tasks) if tasks is not None else [str(i) for i in range(len(labels))]
-    both = np.where(mask, matrix, 0.0) + np.where(mask, matrix, 0.0).T
+    finite = np.where(mask, matrix, 0.0)
+    both = finite + finite.T
     count = mask.astype(float) + mask.T.astype(float)
     misplaced = []
     for i, own in enumerate(labels):

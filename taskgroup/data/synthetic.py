@@ -136,7 +136,7 @@ SECTOR_FACTORS = frozenset({"blob.octant", "blob.sextant", "texture.sextant"})
 #: batches of candidate positions for the structure placed last before a scene is drawn again
 LABEL_TRIES = 16
 
-#: classes of every class factor of a scene
+#: classes of every class factor of a scene (what :func:`_draw` draws from)
 FACTOR_CLASSES = {
     "blob.size": 2,
     "blob.octant": 8,
@@ -175,8 +175,8 @@ FOLDER_NAMES = {
     "lung": "Lung US, synth",
 }
 
-#: bumped whenever a rule or a count changes, so that cached benchmarks, pretext sets and
-#: encoders built by an older generator are never reused (it is part of their cache names)
+#: bumped whenever a rule or a count changes, so that a cached benchmark built by another
+#: generator is never reused (it is part of its cache name)
 GENERATOR_VERSION = 4
 GENERATOR_VERSIONS = (3, 4)
 #: the pretext set's own version: it draws free scenes, which generator 4 left as they were
@@ -411,12 +411,12 @@ def sample_scene(
         occupied: list[np.ndarray], tries: int, fixed: Mapping[str, int]
     ) -> tuple[Blob, list[np.ndarray]] | None:
         # blob: size class, orientation bin, octant of its centre around the image centre
-        large = _draw(rng, fixed, "blob.size", 2)
+        large = _draw(rng, fixed, "blob.size")
         a = s * (rng.uniform(0.16, 0.19) if large else rng.uniform(0.08, 0.1))
         b = a / rng.uniform(1.55, 1.9)
         theta = rng.uniform(0, math.pi)
-        octant = _draw(rng, fixed, "blob.octant", 8)
-        sextant = _draw(rng, fixed, "blob.sextant", 6)
+        octant = _draw(rng, fixed, "blob.octant")
+        sextant = _draw(rng, fixed, "blob.sextant")
         # the centre's angle comes from whichever of the two position classes is set (octant by
         # default); both labels are then read off the angle
         if "blob.sextant" in fixed:
@@ -463,13 +463,13 @@ def sample_scene(
     ) -> tuple[Patch, list[np.ndarray]] | None:
         # texture patch: size class, stripe period class; free stripe orientation; free position
         # unless its sextant or side (around / about the image centre) is set
-        large_p = _draw(rng, fixed, "texture.size", 2)
+        large_p = _draw(rng, fixed, "texture.size")
         hl = s * (rng.uniform(0.18, 0.21) if large_p else rng.uniform(0.12, 0.145))
         hw = s * rng.uniform(0.12, 0.135)
-        fine = _draw(rng, fixed, "texture.period", 2)
+        fine = _draw(rng, fixed, "texture.period")
         period = s * (0.085 if fine else 0.15) * rng.uniform(0.95, 1.05)
-        p_sextant = _draw(rng, fixed, "texture.sextant", 6)
-        p_side = _draw(rng, fixed, "texture.side", 2)
+        p_sextant = _draw(rng, fixed, "texture.sextant")
+        p_side = _draw(rng, fixed, "texture.side")
         psi = rng.uniform(0, math.pi)
         for _ in range(tries):
             if "texture.sextant" in fixed:
@@ -513,13 +513,13 @@ def sample_scene(
     ) -> tuple[Lines, list[np.ndarray]] | None:
         # lines: main line direction bin and length bin, 0-2 secondary lines; the main line's
         # midpoint is free unless its depth or horizontal third is set
-        length_bin = _draw(rng, fixed, "lines.length", 3)
+        length_bin = _draw(rng, fixed, "lines.length")
         length = s * (0.16, 0.3, 0.45)[length_bin] * rng.uniform(0.95, 1.05)
-        d_bin = _draw(rng, fixed, "lines.direction", 8)
+        d_bin = _draw(rng, fixed, "lines.direction")
         alpha = math.radians(d_bin * 45 + 22.5 + rng.uniform(-10, 10))
         thickness, knob, shadow = max(1.6, 0.03 * s), max(3.0, 0.06 * s), 0.16 * s
-        depth = _draw(rng, fixed, "lines.depth", 3)
-        across = _draw(rng, fixed, "lines.across", 3)
+        depth = _draw(rng, fixed, "lines.depth")
+        across = _draw(rng, fixed, "lines.across")
         direction = np.array([math.cos(alpha), math.sin(alpha)])
         for _ in range(tries):
             mid = np.stack([rng.uniform(*LINE_ACROSS, n), rng.uniform(*LINE_DEPTH, n)], axis=1)
@@ -546,7 +546,7 @@ def sample_scene(
         depth, across = (_third(mid[k, 1] / height, LINE_DEPTH), _third(mid[k, 0] / width, LINE_ACROSS))
         kept = [with_shadow[k]]
         others: list[tuple[tuple[float, float], tuple[float, float]]] = []
-        for _ in range(_draw(rng, fixed, "lines.count", 3)):
+        for _ in range(_draw(rng, fixed, "lines.count")):
             starts = np.stack(
                 [rng.uniform(0.05, 0.95, n) * width, rng.uniform(0.15, 0.8, n) * height], axis=1
             )
@@ -619,9 +619,10 @@ def _third(value: float, span: tuple[float, float]) -> int:
     return min(2, max(0, int(3 * (value - span[0]) / (span[1] - span[0]))))
 
 
-def _draw(rng: np.random.Generator, fixed: Mapping[str, int] | None, name: str, classes: int) -> int:
-    """A class factor: drawn uniformly (always consuming the generator), unless fixed."""
-    value = int(rng.integers(classes))
+def _draw(rng: np.random.Generator, fixed: Mapping[str, int] | None, name: str) -> int:
+    """A class factor (:data:`FACTOR_CLASSES`): drawn uniformly (always consuming the
+    generator), unless fixed."""
+    value = int(rng.integers(FACTOR_CLASSES[name]))
     return int(fixed[name]) if fixed and name in fixed else value
 
 
