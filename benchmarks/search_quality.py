@@ -6,7 +6,7 @@ For each affinity run folder (a `taskgroup affinity --out` on the synthetic benc
 search with the default config (configs/tiny.yaml) on each of its estimators, and per method the
 adjusted Rand index (to the planted groups) of that method's highest-gain proposal, the best
 ARI over its sweep, and the ARI of the proposal the search calls best, and the predicted mean gain of the planted
-partition next to that proposal's (the same predictor, ``search.partners`` as configured);
+partition next to that proposal's (the search's own predictor, as configured);
 with the affinity's measured cost (meta.json) and the search's wall time.
 
 With ``--pairwise``: the data-scale check. Trained pairwise transfer (the relative gain of
@@ -83,7 +83,17 @@ def recovery(runs, cfg, registry) -> list[dict]:
             # the planted partition scored by the same predictor: below the chosen proposal, the
             # predictor itself prefers another grouping, whatever the search method
             matrix = read_matrix(Path(run) / str(estimator) / "matrix.csv")
-            predictor = GainPredictor(matrix.to_numpy(), list(matrix.index), partners=cfg.search.partners)
+            sizes, _ = training_sizes(Path(run), registry, list(matrix.index))
+            search = cfg.search
+            predictor = GainPredictor(
+                matrix.to_numpy(),
+                list(matrix.index),
+                sizes,
+                search.partners,
+                search.shrink,
+                search.penalty,
+                search.gain,
+            )
             planted = [[t for t in group if t in matrix.index] for group in planted_groups().values()]
             rows.append(
                 {

@@ -145,13 +145,17 @@ def realised_agreement(study: StudyOutput, registry: TaskRegistry) -> pd.DataFra
         p.stem: load_grouping(p, registry) for p in sorted((study.compare / "groupings").glob("*.yaml"))
     }
     sizes = study.sizes()
-    partners = SearchConfig().partners  # the search's own shrinkage when it ran
+    defaults = SearchConfig()  # the search's own predictor when it ran
+    partners, combine = defaults.partners, defaults.gain
     if study.search is not None and (study.search / "meta.json").exists():
-        partners = json.loads((study.search / "meta.json").read_text())["config"].get("partners", partners)
+        ran = json.loads((study.search / "meta.json").read_text())["config"]
+        partners, combine = ran.get("partners", partners), ran.get("gain", "mean")
     rows = []
     for method, frame in matrices(study).items():
         tasks = list(frame.index)
-        predictor = GainPredictor(np.nan_to_num(frame.to_numpy(float)), tasks, sizes, partners)
+        predictor = GainPredictor(
+            np.nan_to_num(frame.to_numpy(float)), tasks, sizes, partners, combine=combine
+        )
         predicted, realised = [], []
         for grouping, g in table.groupby("grouping"):
             spec = groupings.get(str(grouping))

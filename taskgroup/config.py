@@ -350,22 +350,28 @@ class SearchConfig:
     network selection (MILP) from a candidate pool (partitions, their merges and splits, the
     ``pairs`` best pairs and ``triples`` best triples, the clinical groups, all tasks) for each
     network budget in ``budgets``. ``optuna``: a TPE study over partitions into at most
-    ``max_groups`` groups (``trials`` trials; its best polished by single-task moves) and an
-    NSGA-II study of predicted gain vs networks (``pareto_trials``), on ``storage`` (None: a
-    SQLite file in the output folder). ``trained_trials`` > 0 adds a study whose objective is a
+    ``max_groups`` groups (``trials`` trials; its best and every graph partition polished by
+    single-task moves) and an NSGA-II study of predicted gain vs networks (``pareto_trials``),
+    on ``storage`` (None: a SQLite file in the output folder). ``trained_trials`` > 0 adds a study whose objective is a
     real short training of each trial's partition (the run config's model, data and train
     sections), pruned by ``pruner``.
 
-    The predictor (:class:`taskgroup.grouping.predict.GainPredictor`): ``partners`` shrinks the
-    mean over a group's partners towards 0 by m / (m + partners); ``shrink`` (n0) and
-    ``penalty`` (beta) make it data-scale-aware (0 = off).
+    The predictor (:class:`taskgroup.grouping.predict.GainPredictor`): ``gain`` = ``mean``
+    predicts a member's gain as the mean affinity from its partners (HOA, TAG), shrunk towards 0
+    by m / (m + ``partners``); ``sum`` as the sum (a partner adds its own training steps, so
+    its affinity adds; over a partition this is correlation clustering). ``shrink`` (n0) and
+    ``penalty`` (beta) make either data-scale-aware (0 = off).
 
-    The best proposal of an estimator (``best``): overlapping selections and finer partitions
-    always fit the estimate a little better, and compute is the other side of the trade, so
-    ``knee`` takes the knee of the predicted gain / networks front (Kneedle, with AU as its
-    one-network point) and the highest-gain proposal with that many networks; ``tolerance``
-    (also the fallback when the front has no knee) takes the fewest networks whose predicted
-    mean gain is within ``tolerance`` (relative) of the highest predicted by any proposal."""
+    The best proposal of an estimator (``best``): ``partition`` (default) takes the
+    highest-gain partition (every task in one network; overlapping selections are ranked, not
+    chosen) and leaves the number of networks to the predictor: under ``gain: sum`` a group pays
+    for a member that hurts it, so a group is split exactly when its parts hurt each other.
+    Under ``gain: mean`` finer partitions and overlapping selections always fit the estimate a
+    little better, and the rules weigh gain against networks: ``knee`` takes the knee of the
+    predicted gain / networks front (Kneedle, with AU as its one-network point) and the
+    highest-gain proposal with that many networks; ``tolerance`` (also the fallback when the
+    front has no knee) the fewest networks whose predicted mean gain is within ``tolerance``
+    (relative) of the highest predicted by any proposal."""
 
     methods: tuple[str, ...] = SEARCH_METHODS
     estimators: tuple[str, ...] = ()  # affinity methods to use (empty: every one found)
@@ -373,7 +379,8 @@ class SearchConfig:
     max_groups: int = 6
     trials: int = 300
     pareto_trials: int = 300
-    partners: float = 4.0
+    gain: Literal["mean", "sum"] = "sum"
+    partners: float = 4.0  # gain: mean only
     shrink: float = 0.0
     penalty: float = 0.0
     pairs: int = 50
@@ -382,7 +389,7 @@ class SearchConfig:
     resolutions: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     storage: str | None = None
     seed: int = 0
-    best: Literal["knee", "tolerance"] = "knee"
+    best: Literal["knee", "tolerance", "partition"] = "partition"
     tolerance: float = 0.05
     top: int = 12  # rows of the terminal table
     # the trained objective (grouping/trained.py): this many Optuna trials that each train their

@@ -30,6 +30,7 @@ from taskgroup.affinity import (
 )
 from taskgroup.affinity.probes import attribution_similarity, readout_similarity
 from taskgroup.affinity.report import planted_separation
+from taskgroup.affinity.run import mean_over_runs
 from taskgroup.errors import ConfigError
 from taskgroup.losses import task_loss
 from taskgroup.models import build_model
@@ -352,6 +353,18 @@ def test_attribution_similarity_by_hand():
     silent = attribution_similarity(np.concatenate([maps, np.zeros((1, 2, 3))]))
     assert np.isnan(silent[3]).all() and np.isnan(silent[:, 3]).all()
     assert np.allclose(silent[:3, :3], (image0 + image1) / 2)  # a silent head shifts no other
+
+
+def test_mean_over_runs_keeps_the_quantities_every_run_has():
+    """Runs reused from a folder measured with more methods (readout and attribution) beside new
+    runs measured with fewer (attribution): the mean is over every run, of what they share."""
+    runs = []
+    for k, methods in enumerate([("readout", "attribution"), ("readout", "attribution"), ("attribution",)]):
+        probe = AffinityProbe(10, readout="readout" in methods, attribution=True)
+        probe.values = {m: [np.full((2, 2), float(k))] for m in methods}
+        runs.append(probe)
+    mean = mean_over_runs(runs)
+    assert set(mean) == {"attribution"} and np.allclose(mean["attribution"], 1.0)  # (0 + 1 + 2) / 3
 
 
 class ManualAttribution(Callback):

@@ -60,6 +60,18 @@ def test_predictor_hand_computed():
     assert hurt.gains(["a", "b", "c"])["b"] == pytest.approx(-0.6)  # at the median: unchanged
     with pytest.raises(ValueError, match="needs per-task sizes"):
         GainPredictor(a, tasks, shrink=10)
+    # the sum over partners: a's partners b and c bring 0.2 + 0.6; no partner shrinkage
+    summed = GainPredictor(a, tasks, partners=2, combine="sum")
+    assert summed.gains(["a", "b", "c"]) == pytest.approx({"a": 0.8, "b": 1.2, "c": -0.8})
+    assert summed.gains(["b"]) == {"b": 0.0}
+    # over a partition, the mean served gain is 2 / n times the symmetrised affinity inside
+    # the groups (correlation clustering): {a, c} holds (-0.2 + 0.6) / 2 = 0.2, b is alone
+    assert summed.total([["a", "c"], ["b"]]) == pytest.approx(2 / 3 * 0.2)
+    assert GainPredictor(a, tasks, sizes, shrink=50, combine="sum").gains(["a", "c"])["a"] == pytest.approx(
+        0.3
+    )
+    with pytest.raises(ValueError, match="combine must be"):
+        GainPredictor(a, tasks, combine="median")
 
 
 def test_encoding_is_permutation_invariant():
@@ -143,6 +155,22 @@ def test_best_proposal_is_the_knee_of_the_gain_front():
         *(_proposal(f"f{n}", "louvain", n, 1 + 0.01 * n) for n in (2, 3, 4)),
     ]
     assert front_knee(gain_front(flat)) == 2 and best_proposals(flat, 0.05)["est"].name == "f2"
+
+
+def test_best_partition_rule():
+    """``partition``: the highest-gain proposal that is a partition (an overlapping selection
+    with a higher gain is ranked, not chosen; TS, CG and AU never are), fewest networks on a tie."""
+    part = [
+        _proposal("au", "au", 1, 2.0),
+        _proposal("p2", "louvain", 2, 0.6),
+        _proposal("p3", "kernighan_lin", 3, 0.9),
+        _proposal("p3-tie", "optuna", 4, 0.9),
+    ]
+    overlapping = Proposal("sel", "select", "est", (("t0", "t1"), ("t0", "t2")), {"t0": 1.5}, 2.0)
+    assert not overlapping.is_partition and part[2].is_partition
+    assert best_proposals([*part, overlapping], 0.05, "partition")["est"].name == "p3"
+    # nothing but an overlapping selection: the tolerance rule
+    assert best_proposals([overlapping], 0.05, "partition")["est"].name == "sel"
 
 
 def _affinity_run(tmp_path, tiny_synth, registry, noise: float) -> tuple:

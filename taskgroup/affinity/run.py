@@ -151,9 +151,12 @@ def _wanted(methods: Sequence[str]) -> set[str]:
 
 
 def mean_over_runs(probes: Sequence[AffinityProbe]) -> dict[str, np.ndarray]:
-    """Each quantity averaged over the probes of each run, then over the runs."""
+    """Each quantity averaged over the probes of each run, then over the runs: the quantities
+    every run recorded (runs measured with more methods than asked, reused from the folder,
+    keep their other quantities to themselves)."""
     per_run = [p.matrices() for p in probes]
-    return {name: np.nanmean(np.stack([m[name] for m in per_run]), axis=0) for name in per_run[0]}
+    common = [name for name in per_run[0] if all(name in m for m in per_run)]
+    return {name: np.nanmean(np.stack([m[name] for m in per_run]), axis=0) for name in common}
 
 
 def run_trained(

@@ -7,11 +7,22 @@ losses (:func:`higher_order_candidates`) this is Standley et al.'s HOA; applied 
 matrix (:func:`predicted_gains`, :class:`GainPredictor`), the predicted relative gain of t in G
 is the mean incoming affinity ``mean_u A[u, t]`` from its partners (0 alone).
 
+``combine="sum"`` (:class:`GainPredictor`) predicts instead the *sum* of the incoming
+affinities, ``sum_u A[u, t]``: the first-order effect on t of its partners' updates when each
+partner adds its own training steps to the network (as in this engine, where a network trains
+``steps_per_task`` steps per member, and in TAG's lookahead, where a group's update is the sum
+of its members' updates). A partner then adds its affinity rather than diluting the others': a
+weakly attached member costs the group nothing, a member that hurts its partners costs what it
+hurts. The mean served gain of a partition is then ``2 / n`` times the sum of the symmetrised
+affinity inside its groups, the objective of correlation clustering (Bansal et al. 2004): a
+group is worth splitting exactly when its parts hurt each other, so the number of networks
+follows from the signs of the affinity rather than from a budget.
+
 Data scale (:class:`GainPredictor`): the M2DINO paper finds that grouping helps data-rich tasks
 and hurts small ones. Two configurable terms let per-task training-set sizes ``n_t`` enter the
 prediction (both off at 0), after a third that concerns the estimate itself:
 
-- ``partners`` = m0: the mean over m partners is an average of m noisy pair estimates, so it is
+- ``partners`` = m0 (``combine="mean"`` only): the mean over m partners is an average of m noisy pair estimates, so it is
   shrunk towards 0 (the gain alone) by ``m / (m + m0)`` (the posterior mean of a normal mean
   with m0 = noise variance / signal variance). Without it, the maximum of the predicted gain
   is a set of small groups that fit the noise of a few pairs; with it, a larger group of
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -60,7 +72,8 @@ def predicted_gains(affinity: np.ndarray, tasks: Sequence[str], group: Sequence[
 
 @dataclasses.dataclass
 class GainPredictor:
-    """Predicted gain of every member of a group from an affinity matrix, optionally
+    """Predicted gain of every member of a group from an affinity matrix: the mean
+    (``combine="mean"``) or the sum (``"sum"``) of its partners' affinity to it, optionally
     data-scale-aware (see the module doc). ``sizes``: training examples per task (needed when
     ``shrink`` or ``penalty`` is not 0)."""
 
@@ -70,6 +83,7 @@ class GainPredictor:
     partners: float = 0.0
     shrink: float = 0.0
     penalty: float = 0.0
+    combine: Literal["mean", "sum"] = "mean"
 
     def __post_init__(self) -> None:
         self.affinity = np.asarray(self.affinity, dtype=float)
@@ -82,6 +96,8 @@ class GainPredictor:
             raise ValueError(
                 f"partners, shrink and penalty must be >= 0, got {self.partners}, {self.shrink}, {self.penalty}"
             )
+        if self.combine not in ("mean", "sum"):
+            raise ValueError(f"combine must be 'mean' or 'sum', got {self.combine!r}")
         if (self.shrink or self.penalty) and not self.sizes:
             raise ValueError("a data-scale-aware prediction (shrink or penalty) needs per-task sizes")
         if self.sizes:
@@ -95,8 +111,8 @@ class GainPredictor:
         return bool(self.shrink or self.penalty)
 
     def _adjust(self, values: np.ndarray, members: Sequence[str], partners: int) -> np.ndarray:
-        """The partner shrinkage and the data-scale terms (module doc) on raw mean gains."""
-        if self.partners and partners > 0:
+        """The partner shrinkage (of a mean) and the data-scale terms (module doc) on raw gains."""
+        if self.combine == "mean" and self.partners and partners > 0:
             values = values * (partners / (partners + self.partners))
         if not self.scale_aware:
             return values
@@ -108,8 +124,8 @@ class GainPredictor:
         return values
 
     def gains(self, group: Sequence[str]) -> dict[str, float]:
-        """Each member's mean incoming affinity from its partners (NaN entries skipped; 0
-        alone), then adjusted (:meth:`_adjust`)."""
+        """Each member's mean (or summed) incoming affinity from its partners (NaN entries
+        skipped; 0 alone), then adjusted (:meth:`_adjust`)."""
         unknown = [t for t in group if t not in self.index]
         if unknown:
             raise ValueError(f"task(s) {', '.join(unknown)} not in the affinity matrix")
@@ -118,7 +134,8 @@ class GainPredictor:
         np.fill_diagonal(block, np.nan)
         finite = np.isfinite(block)
         counts = finite.sum(axis=0)
-        raw = np.where(counts > 0, np.where(finite, block, 0.0).sum(axis=0) / np.maximum(counts, 1), 0.0)
+        summed = np.where(finite, block, 0.0).sum(axis=0)
+        raw = summed if self.combine == "sum" else np.where(counts > 0, summed / np.maximum(counts, 1), 0.0)
         adjusted = self._adjust(raw, group, len(group) - 1)
         return {t: float(v) for t, v in zip(group, adjusted, strict=True)}
 

@@ -245,7 +245,11 @@ def search_estimator(
         result = optuna_search(
             predictor, cfg.max_groups, cfg.trials, storage, f"{prefix}-gain", False, cfg.seed, start_from
         )
-        polished, _ = local_search(predictor, result.best, cfg.max_groups)
+        # single-task moves from TPE's best and from every graph partition: the best local optimum
+        polished, _ = max(
+            (local_search(predictor, groups, cfg.max_groups) for groups in [result.best, *start_from]),
+            key=lambda found: found[1],
+        )
         k = f"max_groups={cfg.max_groups}"
         proposals.append(_proposal(f"{prefix}-optuna", "optuna", estimator, result.best, predictor, k))
         proposals.append(
@@ -354,18 +358,26 @@ def front_knee(front: Sequence[tuple[int, float]]) -> int | None:
 
 
 def best_proposals(
-    proposals: Sequence[Proposal], tolerance: float, rule: Literal["knee", "tolerance"] = "knee"
+    proposals: Sequence[Proposal],
+    tolerance: float,
+    rule: Literal["knee", "tolerance", "partition"] = "knee",
 ) -> dict[str, Proposal]:
     """Per estimator, the proposal the search recommends (TS, CG and AU are references, never
     chosen). ``rule="knee"``: on the predicted gain / networks front of the proposals, with AU
     (one network) as its first point, the knee (:func:`front_knee`); the highest-gain proposal
     with that many networks. Without a knee (a front of fewer than three points, or a straight
     or convex one), or ``rule="tolerance"``: the fewest networks within ``tolerance`` of the
-    highest predicted mean gain (highest gain among those)."""
+    highest predicted mean gain (highest gain among those). ``rule="partition"``: the
+    highest-gain partition (fewest networks on a tie; the tolerance rule when no proposal is a
+    partition)."""
     best: dict[str, Proposal] = {}
     for estimator in dict.fromkeys(p.estimator for p in proposals):
         mine = [p for p in proposals if p.estimator == estimator and p.method not in REFERENCES]
         if not mine:
+            continue
+        partitions = [p for p in mine if p.is_partition]
+        if rule == "partition" and partitions:
+            best[estimator] = max(partitions, key=lambda p: (p.mean, -p.networks))
             continue
         if rule == "knee":
             anchor = [p for p in proposals if p.estimator == estimator and p.method == "au"]
@@ -485,7 +497,9 @@ def run_search(
         meta["train_sizes"] = sizes
         for name, frame in matrices.items():
             t0 = time.perf_counter()
-            predictor = GainPredictor(frame.to_numpy(), tasks, sizes, cfg.partners, cfg.shrink, cfg.penalty)
+            predictor = GainPredictor(
+                frame.to_numpy(), tasks, sizes, cfg.partners, cfg.shrink, cfg.penalty, cfg.gain
+            )
             predictors[name] = predictor
             found, info, pareto = search_estimator(name, predictor, cfg, registry, storage)
             proposals += baselines(predictor, registry, name) + found
