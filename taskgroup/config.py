@@ -352,9 +352,9 @@ class SearchConfig:
     network budget in ``budgets``. ``optuna``: a TPE study over partitions into at most
     ``max_groups`` groups (``trials`` trials; its best and every graph partition polished by
     single-task moves) and an NSGA-II study of predicted gain vs networks (``pareto_trials``),
-    on ``storage`` (None: a SQLite file in the output folder). ``trained_trials`` > 0 adds a study whose objective is a
-    real short training of each trial's partition (the run config's model, data and train
-    sections), pruned by ``pruner``.
+    on ``storage`` (None: a SQLite file in the output folder). ``trained_trials`` > 0 adds a
+    study whose objective is a real short training of each trial's partition (the run config's
+    model, data and train sections), pruned by ``pruner``.
 
     The predictor (:class:`taskgroup.grouping.predict.GainPredictor`): ``gain`` = ``mean``
     predicts a member's gain as the mean affinity from its partners (HOA, TAG), shrunk towards 0

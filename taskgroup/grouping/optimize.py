@@ -133,7 +133,8 @@ def optuna_search(
 def local_search(predictor: GainPredictor, groups: Sequence[Sequence[str]], max_groups: int) -> tuple:
     """Best-improvement moves of one task to another group (or a new one, within ``max_groups``)
     until none improves the predicted gain: the polish applied to the best Optuna partition and
-    to every graph partition (hand-written: a few lines, no library does single-move ascent on a custom objective)."""
+    to every graph partition (hand-written: a few lines, no library does single-move ascent on
+    a custom objective)."""
     current = [list(g) for g in groups]
     value = predictor.total(current)
     while True:

@@ -22,11 +22,11 @@ Data scale (:class:`GainPredictor`): the M2DINO paper finds that grouping helps 
 and hurts small ones. Two configurable terms let per-task training-set sizes ``n_t`` enter the
 prediction (both off at 0), after a third that concerns the estimate itself:
 
-- ``partners`` = m0 (``combine="mean"`` only): the mean over m partners is an average of m noisy pair estimates, so it is
-  shrunk towards 0 (the gain alone) by ``m / (m + m0)`` (the posterior mean of a normal mean
-  with m0 = noise variance / signal variance). Without it, the maximum of the predicted gain
-  is a set of small groups that fit the noise of a few pairs; with it, a larger group of
-  equally good partners is predicted better than its parts;
+- ``partners`` = m0 (``combine="mean"`` only): the mean over m partners is an average of m
+  noisy pair estimates, so it is shrunk towards 0 (the gain alone) by ``m / (m + m0)`` (the
+  posterior mean of a normal mean with m0 = noise variance / signal variance). Without it, the
+  maximum of the predicted gain is a set of small groups that fit the noise of a few pairs;
+  with it, a larger group of equally good partners is predicted better than its parts;
 
 - ``shrink`` = n0: the estimate for t is multiplied by ``n_t / (n_t + n0)``, pulling the
   predicted change of a task with few examples towards 0 (its affinity is measured on few

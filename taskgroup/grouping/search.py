@@ -375,8 +375,8 @@ def best_proposals(
         mine = [p for p in proposals if p.estimator == estimator and p.method not in REFERENCES]
         if not mine:
             continue
-        partitions = [p for p in mine if p.is_partition]
-        if rule == "partition" and partitions:
+        partitions = [p for p in mine if p.is_partition] if rule == "partition" else []
+        if partitions:
             best[estimator] = max(partitions, key=lambda p: (p.mean, -p.networks))
             continue
         if rule == "knee":
