@@ -82,19 +82,8 @@ def recovery(runs, cfg, registry) -> list[dict]:
             )
             # the planted partition scored by the same predictor: below the chosen proposal, the
             # predictor itself prefers another grouping, whatever the search method
-            matrix = read_matrix(Path(run) / str(estimator) / "matrix.csv")
-            sizes, _ = training_sizes(Path(run), registry, list(matrix.index))
-            search = cfg.search
-            predictor = GainPredictor(
-                matrix.to_numpy(),
-                list(matrix.index),
-                sizes,
-                search.partners,
-                search.shrink,
-                search.penalty,
-                search.gain,
-            )
-            planted = [[t for t in group if t in matrix.index] for group in planted_groups().values()]
+            predictor = result.predictors[str(estimator)]
+            planted = [[t for t in group if t in predictor.index] for group in planted_groups().values()]
             rows.append(
                 {
                     "run": Path(run).name,

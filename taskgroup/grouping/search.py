@@ -86,6 +86,7 @@ class SearchResult:
     ranking: pd.DataFrame
     best: dict[str, Proposal]  # estimator -> best proposal (highest predicted mean gain)
     out: Path
+    predictors: dict[str, GainPredictor] = dataclasses.field(default_factory=dict)  # per estimator
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -591,4 +592,4 @@ def run_search(
     if truth is not None:
         for e, a in meta["best_ari"].items():
             console.print(f"{e}: best proposal {best[e].name}: ARI to the planted groups {a:+.3f}")
-    return SearchResult(proposals, ranking, best, out)
+    return SearchResult(proposals, ranking, best, out, predictors)
