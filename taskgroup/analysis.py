@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from taskgroup.affinity.report import agreement, off_diagonal, read_matrix
-from taskgroup.config import SearchConfig
+from taskgroup.config import SearchConfig, from_mapping
 from taskgroup.errors import ConfigError
 from taskgroup.grouping.predict import GainPredictor
 from taskgroup.groupings import load_grouping
@@ -51,6 +51,18 @@ class StudyOutput:
                 if sizes:
                     return {k: int(v) for k, v in sizes.items()}
         raise ConfigError(f"{self.root}: no compare/ or search/ meta.json with training-set sizes")
+
+    def search_config(self) -> SearchConfig:
+        """The search config the study's search ran with (its ``meta.json``; the defaults when
+        there was no search). Searches written before ``search.gain`` existed predicted the mean
+        over partners; keys a later version dropped are ignored."""
+        meta = self.search / "meta.json" if self.search is not None else None
+        if meta is None or not meta.exists():
+            return SearchConfig()
+        ran = dict(json.loads(meta.read_text()).get("config", {}))
+        ran.setdefault("gain", "mean")
+        known = {f.name for f in dataclasses.fields(SearchConfig)}
+        return from_mapping(SearchConfig, {k: v for k, v in ran.items() if k in known}, f"{meta}: config")
 
 
 def open_study(path: str | Path) -> StudyOutput:
@@ -145,17 +157,11 @@ def realised_agreement(study: StudyOutput, registry: TaskRegistry) -> pd.DataFra
         p.stem: load_grouping(p, registry) for p in sorted((study.compare / "groupings").glob("*.yaml"))
     }
     sizes = study.sizes()
-    defaults = SearchConfig()  # the search's own predictor when it ran
-    partners, combine = defaults.partners, defaults.gain
-    if study.search is not None and (study.search / "meta.json").exists():
-        ran = json.loads((study.search / "meta.json").read_text())["config"]
-        partners, combine = ran.get("partners", partners), ran.get("gain", "mean")
+    search_cfg = study.search_config()  # the search's own predictor
     rows = []
     for method, frame in matrices(study).items():
         tasks = list(frame.index)
-        predictor = GainPredictor(
-            np.nan_to_num(frame.to_numpy(float)), tasks, sizes, partners, combine=combine
-        )
+        predictor = GainPredictor.from_config(np.nan_to_num(frame.to_numpy(float)), tasks, sizes, search_cfg)
         predicted, realised = [], []
         for grouping, g in table.groupby("grouping"):
             spec = groupings.get(str(grouping))

@@ -40,11 +40,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from taskgroup.grouping.select import Candidate
+
+if TYPE_CHECKING:
+    from taskgroup.config import SearchConfig
 
 
 def higher_order_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -105,6 +108,19 @@ class GainPredictor:
             if missing:
                 raise ValueError(f"no training-set size for task(s) {', '.join(missing)}")
             self.median = float(np.median([self.sizes[t] for t in self.tasks]))
+
+    @classmethod
+    def from_config(
+        cls,
+        affinity: np.ndarray,
+        tasks: Sequence[str],
+        sizes: Mapping[str, int] | None,
+        cfg: SearchConfig,
+    ) -> GainPredictor:
+        """The predictor a search with ``cfg`` uses (``search.partners``, ``shrink``,
+        ``penalty``, ``gain``): one place for ``taskgroup search`` and whatever re-scores its
+        groupings later."""
+        return cls(affinity, tasks, sizes, cfg.partners, cfg.shrink, cfg.penalty, cfg.gain)
 
     @property
     def scale_aware(self) -> bool:

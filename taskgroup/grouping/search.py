@@ -498,9 +498,7 @@ def run_search(
         meta["train_sizes"] = sizes
         for name, frame in matrices.items():
             t0 = time.perf_counter()
-            predictor = GainPredictor(
-                frame.to_numpy(), tasks, sizes, cfg.partners, cfg.shrink, cfg.penalty, cfg.gain
-            )
+            predictor = GainPredictor.from_config(frame.to_numpy(), tasks, sizes, cfg)
             predictors[name] = predictor
             found, info, pareto = search_estimator(name, predictor, cfg, registry, storage)
             proposals += baselines(predictor, registry, name) + found
