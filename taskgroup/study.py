@@ -106,6 +106,20 @@ def load_study(path: str | Path) -> StudyConfig:
     return from_mapping(StudyConfig, load_yaml(path), str(path))
 
 
+def stage_overrides(
+    study: StudyConfig,
+    setting: SettingConfig,
+    stage: Stage,
+    overrides: tuple[str, ...] = (),
+    point: tuple[str, ...] = (),
+) -> list[str]:
+    """The overrides one stage's run config is built with, later ones winning: the setting's
+    ``set``, the study's and then the setting's overrides of the stage, the command line's
+    ``--set`` (what the user types wins over the study file), and last the swept value
+    (``point``: a sweep sets its key at every point)."""
+    return [*setting.set, *getattr(study, stage), *getattr(setting, stage), *overrides, *point]
+
+
 def _resolve(path: Path, name: str) -> str:
     p = Path(name).expanduser()
     return str(p if p.is_absolute() else (path.parent / p).resolve())
@@ -144,7 +158,7 @@ def run_study(
     out = Path(out) if out is not None else Path("runs") / "studies" / f"{study.name}-{setting}"
     out.mkdir(parents=True, exist_ok=True)
     config = _resolve(path, chosen.config)
-    base = [*chosen.set, *overrides, *([f"data.root={json.dumps(str(data))}"] if data is not None else [])]
+    typed = (*overrides, *([f"data.root={json.dumps(str(data))}"] if data is not None else []))
     record = {
         "study": str(path),
         "setting": setting,
@@ -170,13 +184,11 @@ def run_study(
         seconds[name] = time.perf_counter() - start
 
     for value, folder in points:
-        point = [*base, *([f"{sweep.key}={value}"] if sweep is not None else [])]
+        point = (f"{sweep.key}={value}",) if sweep is not None else ()
         label = folder.name if value is not None else study.name
 
-        def cfg_for(section: str, *extra: str, point=point):
-            return load_run_config(
-                config, [*point, *getattr(study, section), *getattr(chosen, section), *extra]
-            )
+        def cfg_for(section: Stage, *extra: str, point=point):
+            return load_run_config(config, [*stage_overrides(study, chosen, section, typed, point), *extra])
 
         registry = registry or load_registry(cfg_for("compare").registry)
         if "affinity" in study.stages:

@@ -1,5 +1,6 @@
 """Studies and notebooks: every study file is valid in every setting; the CI settings of
-grouping_search and data_scale run end to end; both notebooks execute on the study's output."""
+grouping_search, data_scale and planted_recovery run end to end; both notebooks execute on the
+study's output; the command line's overrides win over the study file's."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from nbclient import NotebookClient
 
 from taskgroup.config import load_run_config
 from taskgroup.errors import ConfigError
-from taskgroup.study import load_study, run_study
+from taskgroup.study import load_study, run_study, stage_overrides
 
 ROOT = Path(__file__).parents[1]
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))
 
 
-def test_the_three_studies_are_here():
-    assert {p.stem for p in STUDIES} == {"m2dino_aggregation", "grouping_search", "data_scale"}
+def test_the_four_studies_are_here():
+    assert {p.stem for p in STUDIES} == {
+        "m2dino_aggregation",
+        "grouping_search",
+        "data_scale",
+        "planted_recovery",
+    }
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
@@ -44,6 +50,21 @@ def test_a_study_names_a_missing_setting_and_missing_data(tmp_path):
         run_study(path, "tiyn", tmp_path)
     with pytest.raises(ConfigError, match="setting 'full' runs on real data: give --data ROOT"):
         run_study(path, "full", tmp_path)
+
+
+def test_the_command_line_wins_over_the_study_file_and_a_sweep_value_over_both():
+    path = ROOT / "studies" / "planted_recovery.yaml"
+    study = load_study(path)
+    ci = study.settings["ci"]
+    config = (path.parent / ci.config).resolve()
+    studied = load_run_config(config, stage_overrides(study, ci, "affinity"))
+    assert (studied.affinity.runs, studied.affinity.steps_per_task) == (2, 10)  # the ci setting's
+    assert studied.affinity.attribution_images == 8 and studied.model.backbone.depth == 2  # study, set
+    typed = ("affinity.runs=5", "model.backbone.depth=3")
+    cfg = load_run_config(config, stage_overrides(study, ci, "affinity", typed))
+    assert (cfg.affinity.runs, cfg.affinity.steps_per_task, cfg.model.backbone.depth) == (5, 10, 3)
+    swept = load_run_config(config, stage_overrides(study, ci, "affinity", typed, ("affinity.runs=4",)))
+    assert swept.affinity.runs == 4
 
 
 def execute(notebook: Path, study: Path) -> nbformat.NotebookNode:
@@ -103,3 +124,17 @@ def test_data_scale_study_sweeps_the_training_fraction(tiny_synth, tmp_path):
     }
     for task, full in sizes[1.0].items():
         assert sizes[0.5][task] == max(1, round(0.5 * full)), task
+
+
+@pytest.mark.slow
+def test_planted_recovery_study_runs_with_the_command_line_overrides(tiny_synth, tmp_path):
+    out = tmp_path / "recovery"
+    path = ROOT / "studies" / "planted_recovery.yaml"
+    result = run_study(path, "ci", out, data=tiny_synth, overrides=("affinity.runs=1",))  # ci: 2
+    assert set(result.seconds) == {"planted_recovery/affinity", "planted_recovery/search"}
+    assert [p.name for p in (out / "affinity").glob("probe_run*")] == ["probe_run"]
+    assert [p.parent.name for p in (out / "affinity").glob("*/matrix.csv")] == ["attribution"]
+    meta = json.loads((out / "search" / "meta.json").read_text())
+    assert set(meta["best"]) == {"attribution"}
+    ranking = pd.read_csv(out / "search" / "ranking.csv")
+    assert ranking["ari"].between(-1, 1).any()  # the synthetic benchmark: ARI to the planted groups
