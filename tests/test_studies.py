@@ -37,8 +37,8 @@ def test_every_setting_of_every_study_resolves(path, registry):
         config = (path.parent / setting.config).resolve()
         assert config.exists(), (name, config)
         for stage in study.stages:
-            extra = [*setting.set, *getattr(study, stage), *getattr(setting, stage)]
-            load_run_config(config, extra)  # every override names a real key with a valid value
+            # every override names a real key with a valid value
+            load_run_config(config, stage_overrides(study, setting, stage))
         unknown = [t for t in setting.tasks if t not in registry]
         assert not unknown, (name, unknown)
     assert study.settings["full"].needs_data
