@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from rich.progress import Progress
 
 from taskgroup.config import DataConfig
@@ -39,19 +40,26 @@ from taskgroup.tasks import TaskRegistry
 log = logging.getLogger("taskgroup")
 
 
+def build_lock(target: Path) -> FileLock:
+    """The lock beside ``target`` that one builder of it holds (others wait instead of building
+    it again); the operating system frees it when the holder dies."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(target.parent / f".{target.name}.lock"))
+
+
 def generate_once(target: Path, make: Callable[[Path], object]) -> Path:
     """Build a folder once: ``make`` writes into a private temporary folder that is then renamed
-    to ``target``, so a killed or concurrent build never leaves a half-written ``target``."""
+    to ``target``, so a killed build never leaves a half-written ``target``; concurrent callers
+    (workers on a fresh cache) wait for the one that builds it."""
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
+    with build_lock(target):
+        if target.is_dir():  # built while this process waited
+            return target
+        tmp = target.parent / f".{target.name}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        tmp.rename(target)
     return target
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from taskgroup.config import DataConfig, MoEConfig, RunConfig, TrainConfig, config_hash
+from taskgroup.config import BackboneConfig, DataConfig, MoEConfig, RunConfig, TrainConfig, config_hash
 from taskgroup.data.synthetic import PRETEXT_TASKS, PRETEXT_VERSION, generate_pretext, pretext_registry
-from taskgroup.training.data import generate_once, prepare_data
+from taskgroup.training.data import build_lock, generate_once, prepare_data
 from taskgroup.training.run import train_network
 
 log = logging.getLogger("taskgroup")
@@ -38,6 +38,16 @@ def synthetic_encoder(cfg: RunConfig) -> Path:
     path = cache / "encoders" / f"synthetic-{key}.safetensors"
     if path.is_file():
         return path
+    with build_lock(path):
+        if path.is_file():  # built by another process while this one waited
+            return path
+        _pretrain(cfg, backbone, cache, key, path)
+    return path
+
+
+def _pretrain(cfg: RunConfig, backbone: BackboneConfig, cache: Path, key: str, path: Path) -> None:
+    """Generate the pretext images, train the encoder on them, save its weights at ``path``."""
+    images, steps = cfg.data.pretext_images, cfg.data.pretext_steps
     root = generate_once(
         cache / f"pretext-v{PRETEXT_VERSION}-{images}", lambda tmp: generate_pretext(tmp, images)
     )
@@ -72,7 +82,6 @@ def synthetic_encoder(cfg: RunConfig) -> Path:
     tmp = path.with_suffix(".tmp")
     save_file(encoder, str(tmp))
     os.replace(tmp, path)
-    return path
 
 
 def resolve_pretrained(cfg: RunConfig) -> RunConfig:
