@@ -1,13 +1,17 @@
 """Where each trained head looks: attribution mass on each planted structure of the synthetic benchmark.
 
-    python benchmarks/attribution_focus.py RUN [--tasks T ...] [--images 16] [--layer features|input] [--json OUT]
+    python benchmarks/attribution_focus.py RUN [--tasks T ...] [--images 16] [--layer features|input]
+        [--map gradient|occlusion|hybrid] [--json OUT]
 
 RUN is a `taskgroup affinity` folder whose probe trainings kept their checkpoints
 (`probe_run*/checkpoints/last.pt`, e.g. `--method readout attribution`). For every probe
 training, every task's head is read as the `attribution` estimator reads it
 (`taskgroup.affinity.probes.attribution_maps`: the label-free head score's `sum_c |F_c *
 ds/dF_c|` per token of the shared feature map, or of the patch embeddings with `--layer input`
-(default: the run's `affinity.attribution_layer`), each map divided by its sum) on images of
+(default: the run's `affinity.attribution_layer`), or with `--map occlusion` the change of the
+head's output when each cell of the image is blanked (`occlusion_maps`, the run's
+`affinity.occlusion_cell`), or with `--map hybrid` occlusion for the classification heads only
+(`head_map`; default: the run's `affinity.attribution_map`), each map divided by its sum) on images of
 three segmentation tasks whose masks mark one planted structure each (breast_lesion: the blob,
 thyroid_nodule: the texture patch, lung: the lines). Reported per task and structure: the map's
 mass inside the structure's mask divided by the mask's share of the image (1 = no preference, as
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from report import report
 
-from taskgroup.affinity.probes import attribution_maps
+from taskgroup.affinity.probes import ATTRIBUTION_MAPS, head_map
 from taskgroup.config import load_run_config
 from taskgroup.data.synthetic import TASK_FACTORS
 from taskgroup.models import build_model
@@ -40,9 +44,12 @@ from taskgroup.training.pretrain import resolve_pretrained
 MARKERS = {"blob": "breast_lesion", "texture": "thyroid_nodule", "lines": "lung"}
 
 
-def focus(run: Path, tasks: list[str] | None, images: int, layer: str | None = None) -> list[dict]:
+def focus(
+    run: Path, tasks: list[str] | None, images: int, layer: str | None = None, kind: str | None = None
+) -> list[dict]:
     cfg = resolve_pretrained(load_run_config(run / "config.yaml"))
     layer = layer or cfg.affinity.attribution_layer
+    kind = kind or cfg.affinity.attribution_map
     registry = load_registry(cfg.registry)
     all_tasks = list(registry.ids)
     shown = tasks or all_tasks
@@ -68,7 +75,10 @@ def focus(run: Path, tasks: list[str] | None, images: int, layer: str | None = N
         for structure, batch in marker_batches.items():
             mask = (batch.targets > 0).float()[:, None]
             for task in shown:
-                maps = attribution_maps(model, task, registry[task].kind, batch.images, layer=layer)
+                cell = cfg.affinity.occlusion_cell
+                maps = head_map(
+                    model, task, registry[task].kind, batch.images, how=kind, layer=layer, cell=cell
+                )
                 maps = maps / maps.sum(dim=(1, 2), keepdim=True)
                 share = F.adaptive_avg_pool2d(mask, maps.shape[-2:])[:, 0]
                 inside = (maps * share).sum(dim=(1, 2)) / share.mean(dim=(1, 2)).clamp_min(1e-6)
@@ -94,11 +104,18 @@ def main() -> None:
         default=None,
         help="default: the run's affinity.attribution_layer",
     )
+    parser.add_argument(
+        "--map",
+        choices=list(ATTRIBUTION_MAPS),
+        default=None,
+        help="default: the run's affinity.attribution_map",
+    )
     args = parser.parse_args()
     configure_cpu()
-    rows = focus(args.run, args.tasks, args.images, args.layer)
+    rows = focus(args.run, args.tasks, args.images, args.layer, args.map)
     title = (
-        f"attribution mass per unit area on each planted structure ({args.run}, {args.layer or 'run'} layer)"
+        "attribution mass per unit area on each planted structure "
+        f"({args.run}, {args.map or 'run'} map, {args.layer or 'run'} layer)"
     )
     report(title, rows, args.json)
 

@@ -298,7 +298,10 @@ class AffinityConfig:
     ``readout`` is read at the end of that training on ``readout_batches`` batches per task,
     ``attribution`` on a shared probe set of ``attribution_images`` images of every task, at
     ``attribution_layer``: ``features`` (the shared feature map every head reads) or ``input``
-    (the patch embeddings, before the encoder mixes the tokens).
+    (the patch embeddings, before the encoder mixes the tokens). ``attribution_map``: how a
+    head's map is made, ``gradient`` (gradient times input at that layer) or ``occlusion`` (the
+    change of the head's output when each ``occlusion_cell`` x ``occlusion_cell`` pixel square
+    of an image is blanked; the layer is then the image).
     ``runs``: the probe training is repeated with seeds ``train.seed``, ``train.seed + 1``, ...
     and every probe method averages its matrices over the runs.
     ``correction``: how the task-type confound (and, with ``type_task_centre``, each task's own
@@ -314,6 +317,8 @@ class AffinityConfig:
     readout_batches: int = 4
     attribution_images: int = 4
     attribution_layer: Literal["features", "input"] = "features"
+    attribution_map: Literal["gradient", "occlusion", "hybrid"] = "gradient"
+    occlusion_cell: int = 16
     runs: int = 1
     correction: Literal["none", "type_centre", "type_scale", "type_task_centre"] = "type_centre"
     steps_per_task: int | None = None
@@ -332,6 +337,8 @@ class AffinityConfig:
             raise ValueError(
                 f"every and lookahead_every must be at least 1, got {self.every}, {self.lookahead_every}"
             )
+        if self.occlusion_cell < 1:
+            raise ValueError(f"occlusion_cell must be at least 1 pixel, got {self.occlusion_cell}")
         if self.runs < 1 or self.readout_batches < 1:
             raise ValueError(
                 f"runs and readout_batches must be at least 1, got {self.runs}, {self.readout_batches}"

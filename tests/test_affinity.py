@@ -28,12 +28,13 @@ from taskgroup.affinity import (
     subset_jobs,
     subsets_matrix,
 )
-from taskgroup.affinity.probes import attribution_similarity, readout_similarity
+from taskgroup.affinity.probes import attribution_similarity, occlusion_maps, readout_similarity
 from taskgroup.affinity.report import planted_separation
 from taskgroup.affinity.run import mean_over_runs
 from taskgroup.errors import ConfigError
 from taskgroup.losses import task_loss
 from taskgroup.models import build_model
+from taskgroup.tasks import TaskKind
 from taskgroup.training import Callback, build_optimiser, prepare_data, train_network
 from taskgroup.training.jobs import NetworkJob, create_queue, job_results, sqlite_url, storage_for
 
@@ -423,6 +424,119 @@ def test_attribution_map_is_gradient_times_feature_per_token(tiny_synth, registr
     assert probe.steps["attribution"] == [4] and set(probe.values) == {"attribution"}  # once, at the end
     assert np.allclose(probe.matrices()["attribution"], attribution_similarity(probe.maps))
     assert not np.allclose(probe.maps[TASKS.index("breast_lesion")], probe.maps[TASKS.index("lung_2cls")])
+
+
+class CornerReader(torch.nn.Module):
+    """A hand-made 'model' whose head output depends on the top-left 16 x 16 pixels only: a
+    classifier with logits (s, -s), s the sum of that square; a detector whose box is (s, 2s,
+    0, 0) plus a confidence."""
+
+    def __init__(self, kind: TaskKind) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        s = images[:, :, :16, :16].sum(dim=(1, 2, 3))[:, None]  # (N, 1)
+        if self.kind is TaskKind.CLASSIFICATION:
+            return torch.cat([s, -s], dim=1)
+        return torch.cat([s, 2 * s, 0 * s, 0 * s, s], dim=1)
+
+
+def test_occlusion_map_by_hand():
+    """Occluding (zeroing) the top-left cell moves the output; every other cell leaves it. On
+    images of ones: the classifier goes from (1, 0) to (0.5, 0.5), an L1 change of 1 (sigmoid(2
+    * 256) is 1 in float); the detector's box from (256, 512, 0, 0) to 0, an L1 change of 768
+    (its confidence is not part of the output compared). A half-bright image halves the box."""
+    images = torch.ones(2, 1, 32, 48)
+    images[1] *= 0.5
+    cls = occlusion_maps(CornerReader(TaskKind.CLASSIFICATION), "t", TaskKind.CLASSIFICATION, images, cell=16)
+    assert cls.shape == (2, 2, 3)  # (N, H / cell, W / cell)
+    expected = torch.zeros(2, 2, 3)
+    expected[:, 0, 0] = 1.0
+    assert torch.allclose(cls, expected, atol=1e-6)
+    det = occlusion_maps(CornerReader(TaskKind.DETECTION), "t", TaskKind.DETECTION, images, cell=16, chunk=4)
+    expected[0, 0, 0], expected[1, 0, 0] = 768.0, 384.0
+    assert torch.allclose(det, expected)
+    with pytest.raises(ValueError, match="does not divide"):
+        occlusion_maps(CornerReader(TaskKind.DETECTION), "t", TaskKind.DETECTION, images, cell=20)
+
+
+class ManualOcclusion(Callback):
+    """At the end of training, redoes the occlusion map of a segmentation and a classification
+    task by hand on the shared probe set: one cell of the image zeroed at a time, the L1 change
+    of the class probabilities (per pixel for segmentation) per image."""
+
+    def __init__(self, images: int, cell: int) -> None:
+        self.images, self.cell, self.maps = images, cell, {}
+
+    @torch.no_grad()
+    def on_train_end(self, engine) -> None:
+        model = engine.model
+        model.eval()
+        images = torch.cat([engine.probe_batch(t, salt=300, size=self.images).images for t in engine.tasks])
+        side = images.shape[-1] // self.cell
+        for task in ("breast_lesion", "lung_2cls"):
+            before = model(images, task).softmax(dim=1)
+            cells = []
+            for row in range(side):
+                for col in range(side):
+                    hidden = images.clone()
+                    hidden[
+                        :, :, row * self.cell : (row + 1) * self.cell, col * self.cell : (col + 1) * self.cell
+                    ] = 0
+                    after = model(hidden, task).softmax(dim=1)
+                    cells.append((after - before).abs().flatten(1).sum(dim=1))
+            self.maps[task] = torch.stack(cells, dim=1).double().numpy()  # (N, cells), rows first
+        model.train()
+
+
+def test_occlusion_attribution_is_the_output_change_per_blanked_cell(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    data = prepare_data(cfg.data, registry, TASKS)
+    probe = AffinityProbe(
+        every=100,
+        lookahead=False,
+        gradient=False,
+        attribution=True,
+        attribution_images=3,
+        attribution_map="occlusion",
+        occlusion_cell=16,
+    )
+    manual = ManualOcclusion(images=3, cell=16)
+    train_network(cfg, registry, TASKS, tmp_path / "run", "n", data, [probe, manual])
+    assert probe.maps.shape == (len(TASKS), 3 * len(TASKS), 4)  # 32 px images: 2 x 2 cells of 16 px
+    for task, expected in manual.maps.items():
+        assert np.allclose(probe.maps[TASKS.index(task)], expected, rtol=1e-4, atol=1e-6), task
+    assert np.allclose(probe.matrices()["attribution"], attribution_similarity(probe.maps))
+    assert probe.cost["forward"] == len(TASKS) * 5 and probe.cost["backward"] == 0
+
+
+def test_hybrid_attribution_occludes_classification_heads_only(tiny_synth, registry, tmp_path):
+    """``hybrid``: the classification head's map is its occlusion map, the segmentation head's
+    its gradient times feature map averaged over each cell's tokens (32 px, patch 8: 4 x 4
+    tokens, 2 x 2 cells of 16 px)."""
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    data = prepare_data(cfg.data, registry, TASKS)
+    probe = AffinityProbe(
+        every=100,
+        lookahead=False,
+        gradient=False,
+        attribution=True,
+        attribution_images=3,
+        attribution_map="hybrid",
+        occlusion_cell=16,
+    )
+    occluded, gradient = ManualOcclusion(images=3, cell=16), ManualAttribution(images=3)
+    train_network(cfg, registry, TASKS, tmp_path / "run", "n", data, [probe, occluded, gradient])
+    assert probe.maps.shape == (len(TASKS), 3 * len(TASKS), 4)
+    assert np.allclose(probe.maps[TASKS.index("lung_2cls")], occluded.maps["lung_2cls"], rtol=1e-4, atol=1e-6)
+    tokens = gradient.maps["breast_lesion"].reshape(
+        -1, 2, 2, 2, 2
+    )  # (N, cell row, row in cell, cell col, col in cell)
+    cells = tokens.mean(axis=(2, 4)).reshape(-1, 4)
+    assert np.allclose(probe.maps[TASKS.index("breast_lesion")], cells, rtol=1e-5)
+    # one classification task occluded (4 cells + the whole set), three heads by their gradient
+    assert probe.cost["forward"] == 5 + 3 and probe.cost["backward"] == 3
 
 
 # -- the job queue ------------------------------------------------------------------------------

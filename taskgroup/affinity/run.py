@@ -112,6 +112,8 @@ def run_probes(
             attribution="attribution" in aff.methods,
             attribution_images=aff.attribution_images,
             attribution_layer=aff.attribution_layer,
+            attribution_map=aff.attribution_map,
+            occlusion_cell=aff.occlusion_cell,
         )
         run_dir = out_dir / ("probe_run" if run == 0 else f"probe_run_{run}")
         saved = run_dir / "probes.pt"
@@ -299,10 +301,14 @@ def run_affinity(
                 {
                     "reported": "cosine similarity of the tasks' attribution maps (|F * ds/dF| summed over "
                     "the channels of F, per token, for a label-free score s of each head's output; F the "
-                    "shared feature map, or the patch embeddings with attribution_layer 'input') on a "
+                    "shared feature map, or the patch embeddings with attribution_layer 'input'; with "
+                    "attribution_map 'occlusion', the L1 change of the head's output when each "
+                    "occlusion_cell square of the image is blanked) on a "
                     "shared probe set, averaged over its images and over runs, then corrected",
                     "attribution_images_per_task": aff.attribution_images,
                     "attribution_layer": aff.attribution_layer,
+                    "attribution_map": aff.attribution_map,
+                    "occlusion_cell": aff.occlusion_cell,
                 },
                 {"uncorrected": mean["attribution"]},
             )
