@@ -50,6 +50,7 @@ def focus(
     cfg = resolve_pretrained(load_run_config(run / "config.yaml"))
     layer = layer or cfg.affinity.attribution_layer
     kind = kind or cfg.affinity.attribution_map
+    cell = cfg.affinity.occlusion_cell
     registry = load_registry(cfg.registry)
     all_tasks = list(registry.ids)
     shown = tasks or all_tasks
@@ -75,7 +76,6 @@ def focus(
         for structure, batch in marker_batches.items():
             mask = (batch.targets > 0).float()[:, None]
             for task in shown:
-                cell = cfg.affinity.occlusion_cell
                 maps = head_map(
                     model, task, registry[task].kind, batch.images, how=kind, layer=layer, cell=cell
                 )

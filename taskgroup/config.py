@@ -299,9 +299,11 @@ class AffinityConfig:
     ``attribution`` on a shared probe set of ``attribution_images`` images of every task, at
     ``attribution_layer``: ``features`` (the shared feature map every head reads) or ``input``
     (the patch embeddings, before the encoder mixes the tokens). ``attribution_map``: how a
-    head's map is made, ``gradient`` (gradient times input at that layer) or ``occlusion`` (the
+    head's map is made, ``gradient`` (gradient times input at that layer), ``occlusion`` (the
     change of the head's output when each ``occlusion_cell`` x ``occlusion_cell`` pixel square
-    of an image is blanked; the layer is then the image).
+    of an image is blanked; the layer is then the image) or ``hybrid`` (occlusion for the
+    classification heads, which pool the whole map, gradient times input for the dense heads,
+    both on the occlusion cells).
     ``runs``: the probe training is repeated with seeds ``train.seed``, ``train.seed + 1``, ...
     and every probe method averages its matrices over the runs.
     ``correction``: how the task-type confound (and, with ``type_task_centre``, each task's own

@@ -490,18 +490,23 @@ class ManualOcclusion(Callback):
         model.train()
 
 
-def test_occlusion_attribution_is_the_output_change_per_blanked_cell(tiny_synth, registry, tmp_path):
-    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
-    data = prepare_data(cfg.data, registry, TASKS)
-    probe = AffinityProbe(
+def cell_probe(attribution_map: str) -> AffinityProbe:
+    """An attribution-only probe on 3 images of every task with 16 px cells."""
+    return AffinityProbe(
         every=100,
         lookahead=False,
         gradient=False,
         attribution=True,
         attribution_images=3,
-        attribution_map="occlusion",
+        attribution_map=attribution_map,
         occlusion_cell=16,
     )
+
+
+def test_occlusion_attribution_is_the_output_change_per_blanked_cell(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    data = prepare_data(cfg.data, registry, TASKS)
+    probe = cell_probe("occlusion")
     manual = ManualOcclusion(images=3, cell=16)
     train_network(cfg, registry, TASKS, tmp_path / "run", "n", data, [probe, manual])
     assert probe.maps.shape == (len(TASKS), 3 * len(TASKS), 4)  # 32 px images: 2 x 2 cells of 16 px
@@ -517,15 +522,7 @@ def test_hybrid_attribution_occludes_classification_heads_only(tiny_synth, regis
     tokens, 2 x 2 cells of 16 px)."""
     cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
     data = prepare_data(cfg.data, registry, TASKS)
-    probe = AffinityProbe(
-        every=100,
-        lookahead=False,
-        gradient=False,
-        attribution=True,
-        attribution_images=3,
-        attribution_map="hybrid",
-        occlusion_cell=16,
-    )
+    probe = cell_probe("hybrid")
     occluded, gradient = ManualOcclusion(images=3, cell=16), ManualAttribution(images=3)
     train_network(cfg, registry, TASKS, tmp_path / "run", "n", data, [probe, occluded, gradient])
     assert probe.maps.shape == (len(TASKS), 3 * len(TASKS), 4)

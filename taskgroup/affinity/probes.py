@@ -211,6 +211,11 @@ def occlusion_maps(
 ATTRIBUTION_MAPS = ("gradient", "occlusion", "hybrid")
 
 
+def occludes(how: str, kind: TaskKind) -> bool:
+    """Whether a head of ``kind`` has its map made by occlusion under ``how``."""
+    return how == "occlusion" or (how == "hybrid" and kind is TaskKind.CLASSIFICATION)
+
+
 def head_map(
     model: M2DINO,
     task: str,
@@ -231,7 +236,7 @@ def head_map(
     every map of a probe set has the same grid."""
     if how not in ATTRIBUTION_MAPS:
         raise ValueError(f"attribution map must be one of {', '.join(ATTRIBUTION_MAPS)}, got {how!r}")
-    if how == "occlusion" or (how == "hybrid" and kind is TaskKind.CLASSIFICATION):
+    if occludes(how, kind):
         return occlusion_maps(model, task, kind, images, autocast, cell)
     found = attribution_maps(model, task, kind, images, autocast, layer)
     if how == "gradient":
@@ -495,9 +500,7 @@ class AffinityProbe(Callback):
         # a gradient map once forward and once backward
         cells = (images.shape[-2] // self.occlusion_cell) * (images.shape[-1] // self.occlusion_cell)
         for task in tasks:
-            occluded = self.attribution_map == "occlusion" or (
-                self.attribution_map == "hybrid" and engine.tasks[task].kind is TaskKind.CLASSIFICATION
-            )
+            occluded = occludes(self.attribution_map, engine.tasks[task].kind)
             self.cost["forward"] += cells + 1 if occluded else 1
             self.cost["backward"] += 0 if occluded else 1
         self.cost["seconds"] += time.perf_counter() - start

@@ -303,7 +303,8 @@ def run_affinity(
                     "the channels of F, per token, for a label-free score s of each head's output; F the "
                     "shared feature map, or the patch embeddings with attribution_layer 'input'; with "
                     "attribution_map 'occlusion', the L1 change of the head's output when each "
-                    "occlusion_cell square of the image is blanked) on a "
+                    "occlusion_cell square of the image is blanked; with 'hybrid', occlusion for the "
+                    "classification heads and gradient times input per cell for the others) on a "
                     "shared probe set, averaged over its images and over runs, then corrected",
                     "attribution_images_per_task": aff.attribution_images,
                     "attribution_layer": aff.attribution_layer,
