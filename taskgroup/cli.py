@@ -413,9 +413,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     registry = load_registry(cfg.registry)
     grouping = load_grouping(args.grouping, registry)
     result = train_grouping(cfg, grouping, args.out, registry, console=console)
+    tested = bool(result.served["test_value"].notna().any())
     print_table(
-        f"{grouping.name}: {len(result.networks)} network(s), each task served by its best",
-        ["task", "type", "network", "metric", "step", "value"],
+        f"{grouping.name}: {len(result.networks)} network(s), each task served by its best on val"
+        + (" (test: the held-out split at the same step)" if tested else ""),
+        ["task", "type", "network", "metric", "step", "val", *(["test"] if tested else [])],
         [
             [
                 r["task"],
@@ -424,6 +426,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 r["primary_metric"],
                 str(r["step"]),
                 f"{r['value']:.4f}",
+                *([_fmt(r["test_value"])] if tested else []),
             ]
             for r in result.served.to_dict("records")
         ],

@@ -231,13 +231,17 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the data is and how batches are drawn. ``root`` None = the embedded synthetic
-    benchmark, generated on first use into ``cache_dir``."""
+    benchmark, generated on first use into ``cache_dir``. ``test_root``: an FM_UIA root (its own
+    ``csv_files/``) holding the held-out test split, for data whose test set lives elsewhere;
+    None = ``root/test/`` when there is one, else no test split."""
 
     root: str | None = None
+    test_root: str | None = None
     synthetic_scale: Literal["tiny", "small", "medium"] = "small"
     synthetic_seed: int = 0
-    # 4: the structure carrying a classification label placed last (no label leak); 3: before
-    synthetic_version: Literal[3, 4] = 4
+    # 5: planted mechanisms of transfer and a test split; 4: the structure carrying a
+    # classification label placed last (no label leak); 3: before
+    synthetic_version: Literal[3, 4, 5] = 4
     cache_dir: str = "~/.cache/taskgroup"
     image_size: int = 64
     val_fraction: float = 0.2  # carved from train (per image) when the data has no val/ root

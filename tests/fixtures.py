@@ -109,3 +109,39 @@ def edit_csv(root: Path, name: str, row: int, **values) -> None:
     for col, value in values.items():
         frame.loc[row, col] = value
     frame.to_csv(path, index=False)
+
+
+def make_held_out_root(synth: Path, out: Path, flip: str) -> Path:
+    """A root with ``train/`` and ``val/`` of the synthetic benchmark ``synth`` and a ``test/``
+    holding val's images with the labels of the binary classification task ``flip`` flipped
+    (``1 - label``), so test scores differ from val: the flipped task's test accuracy is
+    1 - its val accuracy, every other task scores on test as on val. Images are shared through
+    symlinks (nothing large is copied)."""
+    import os
+
+    out.mkdir(parents=True)
+    for split in ("train", "val"):
+        os.symlink(synth / split, out / split)
+    (out / "test" / "csv_files").mkdir(parents=True)
+    for item in (synth / "val").iterdir():
+        if item.name != "csv_files":
+            os.symlink(item, out / "test" / item.name)
+    for csv in (synth / "val" / "csv_files").glob("*.csv"):
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        if (frame["task_id"] == flip).any():
+            rows = frame["task_id"] == flip
+            frame.loc[rows, "mask"] = (1 - frame.loc[rows, "mask"].astype(int)).astype(str)
+            frame.to_csv(out / "test" / "csv_files" / csv.name, index=False)
+        else:
+            (out / "test" / "csv_files" / csv.name).write_bytes(csv.read_bytes())
+    return out
+
+
+def make_val_only_root(synth: Path, out: Path) -> Path:
+    """The same benchmark without a test split: ``train/`` and ``val/`` only (symlinks)."""
+    import os
+
+    out.mkdir(parents=True)
+    for split in ("train", "val"):
+        os.symlink(synth / split, out / split)
+    return out

@@ -185,7 +185,8 @@ def test_compare_trains_every_network_once_and_reuses_the_cache(tiny_synth, regi
         assert (first.out / name).stat().st_size > 5000, name
     scores = first.scores
     assert set(scores.grouping) == {"ts", "au", "pair"} and set(scores.seed) == {0, 1}
-    iugc = scores[(scores.task == "IUGC") & scores.primary].set_index(["grouping", "seed"])["value"]
+    iugc = scores[(scores.task == "IUGC") & scores.primary & (scores.split == "val")]
+    iugc = iugc.set_index(["grouping", "seed"])["value"]
     assert iugc.loc[("pair", 0)] == iugc.loc[("ts", 0)]  # the same network serves both
     second = run_compare(cfg, tmp_path / "second", registry)
     assert second.trained_here == 0  # every network from the cache

@@ -219,3 +219,149 @@ def test_cli_synth_and_tasks(tmp_path, capsys):
     assert main(["tasks", "--data", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "27 tasks" in out and "clinical groups" in out
+
+
+def _tree_digest(root) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(root).as_posix().encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+#: sha256 of every file (path and bytes) of the tiny benchmark on GENERATOR_5_PROBE_TASKS, seed
+#: 3, as the code before generator 5 wrote it (commit 17b546d): generator 5 must leave 3 and 4
+#: byte-identical, so that every figure measured on them is reproduced
+FROZEN_DIGESTS = {
+    3: "60f22bbadc1de787485e03c84d4b85103bd532df644a93be5e48cda6e330c42f",
+    4: "018170e9f41149b993e2803a65b799cc0294d1d3aa9cf318502f70705c4da735",
+}
+GENERATOR_5_PROBE_TASKS = [
+    "breast_lesion",
+    "breast_2cls",
+    "lung_2cls",
+    "fetal_head",
+    "FUGC",
+    "thyroid_nodule_det",
+    "organ_cls",
+]
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_generators_3_and_4_are_byte_identical_to_before_generator_5(version, tmp_path, registry):
+    sub = registry.subset(GENERATOR_5_PROBE_TASKS)
+    generate(tmp_path / "b", sub, "tiny", seed=3, workers=1, version=version)
+    assert _tree_digest(tmp_path / "b") == FROZEN_DIGESTS[version]
+
+
+def test_generator_5_writes_a_test_split_drawn_as_validation(tmp_path, registry):
+    sub = registry.subset(GENERATOR_5_PROBE_TASKS)
+    out = generate(tmp_path / "v5", sub, "tiny", seed=3, workers=1, version=5)
+    assert set(find_roots(out.out)) == {"train", "val", "test"}
+    assert out.counts["test"] == out.counts["val"]
+    val, test = load_index(out.out / "val", sub), load_index(out.out / "test", sub)
+    for t in sub.ids:
+        assert len(test[t]) == out.counts["test"][t]
+        # other images than validation's (their own seeds), in the same layout
+        assert {r.image_file.name for r in test[t]} == {r.image_file.name for r in val[t]}
+        assert not any(
+            (out.out / "test" / r.image_file.relative_to(out.out / "test")).read_bytes()
+            == (out.out / "val" / r.image_file.relative_to(out.out / "test")).read_bytes()
+            for r in test[t][:3]
+        )
+    truth = read_truth(out.out)
+    assert truth["generator_version"] == 5 and truth["splits"] == ["train", "val", "test"]
+    assert all(truth["tasks"][t]["test"] == out.counts["test"][t] for t in sub.ids)
+
+
+def test_generator_5_plants_each_decoy_in_training_images_only(registry):
+    """A decoy is a shortcut: in a classification task's training images (its own and those it
+    borrows), the decoy factor takes the class its label names in about DECOY_RATE of them; in
+    validation and test it is never set, so it is drawn freely. Checked on the drawn scenes."""
+    from taskgroup.data.synthetic import DECOY_RATE, DECOYS, _scene_for, plan_images
+
+    plan = plan_images(registry, "tiny", 0, 5)
+    for task, decoy in DECOYS.items():
+        label_factor = CLASS_FACTORS[task]
+        for split in ("train", "val", "test"):
+            jobs = [
+                j
+                for j in plan.jobs
+                if j.split == split and task in plan.users[f"{split}/{j.owner}/{j.number}"]
+            ]
+            assert jobs, (task, split)
+            with_decoy = [j for j in jobs if decoy.factor in (j.fixed or {})]
+            if split != "train":
+                assert not with_decoy, (task, split)
+                continue
+            assert abs(len(with_decoy) / len(jobs) - DECOY_RATE) < 0.25, (task, len(with_decoy), len(jobs))
+            for job in with_decoy[:4]:  # the scene really has the decoy's class
+                scene = _scene_for(job)[0]
+                label = job.fixed[label_factor]
+                structure, name = decoy.factor.split(".")
+                value = _scene_factor(scene, decoy.factor)
+                assert value == decoy.classes[label], (task, structure, name, value)
+                assert _scene_factor(scene, label_factor) == label
+    assert "mechanisms" not in read_truth_of_version(registry, 4)
+
+
+def _scene_factor(scene, factor: str) -> int:
+    b, p, ln = scene.blob, scene.patch, scene.lines
+    return {
+        "blob.size": b.large,
+        "blob.octant": b.octant,
+        "blob.sextant": b.sextant,
+        "texture.size": p.large,
+        "texture.sextant": p.sextant,
+        "texture.side": p.side,
+        "lines.direction": ln.direction_bin,
+        "lines.depth": ln.depth_third,
+        "lines.across": ln.across_third,
+    }[factor]
+
+
+def read_truth_of_version(registry, version: int) -> dict:
+    """truth.yaml's content without writing images (the truth of a plan)."""
+    import tempfile
+    from pathlib import Path
+
+    from taskgroup.data.synthetic import _write_truth, plan_images
+
+    plan = plan_images(registry, "tiny", 0, version)
+    with tempfile.TemporaryDirectory() as folder:
+        _write_truth(Path(folder), registry, "tiny", 0, plan.counts, version)
+        return read_truth(folder)
+
+
+def test_generator_5_truth_names_every_mechanism_with_its_sign(registry):
+    from taskgroup.data.synthetic import DATA_POOR_SHARE, DECOYS
+
+    truth = read_truth_of_version(registry, 5)
+    mechanisms = truth["mechanisms"]
+    shared = [m for m in mechanisms if m["mechanism"] == "shared_factor"]
+    decoys = [m for m in mechanisms if m["mechanism"] == "decoy"]
+    assert sorted(tuple(sorted(m["tasks"])) for m in shared) == sorted(
+        tuple(sorted(ids)) for ids in planted_groups().values()
+    )
+    assert all(m["sign"] == "+" for m in shared) and all(m["sign"] == "-" for m in decoys)
+    assert {m["tasks"][0] for m in decoys} == set(DECOYS)
+    for m in decoys:
+        task = m["tasks"][0]
+        # the partners that make the decoy salient are the decoy structure's planted group, never
+        # the task's own
+        assert m["partners"] == list(planted_groups()[structure_of(m["factor"])])
+        assert TASK_FACTORS[task].structure != structure_of(m["factor"])
+        assert truth["tasks"][task]["decoy"] == m["factor"]
+    counts = synthetic_counts(registry, "small")
+    poor = {t for m in shared for t in m["data_poor"]}
+    assert poor == {t for t in registry.ids if counts[t] < 60}, poor  # the small scale's 1/20
+    assert DATA_POOR_SHARE == 0.05 and {"fetal_heart", "organ_cls", "FUGC", "cervix_multi"} <= poor
+    # no decoy on the data-rich clinical group (OB), decoys inside breast and lung
+    assert not any(registry[t].clinical_group == "OB" for t in DECOYS)
+    for group in ("breast", "lung"):
+        members = set(registry.clinical_groups[group])
+        for m in decoys:
+            if m["tasks"][0] in members:
+                assert members & set(m["partners"]) - set(m["tasks"]), (group, m)

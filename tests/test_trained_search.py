@@ -26,6 +26,7 @@ def _final(work, registry, group):
         p for p in (work / "networks").iterdir() if p.name.startswith("+".join(sorted(group)) + "-")
     )
     frame = pd.read_csv(folder / "metrics.csv")
+    frame = frame[frame.split == "val"]  # the objective is on validation (test rows are beside)
     out = {}
     for t in group:
         rows = frame[(frame.task == t) & (frame.metric == registry[t].primary_metric.name)]
@@ -83,17 +84,21 @@ def test_a_pruned_trial_trains_no_further_network(tiny_synth, registry, tmp_path
 
 @pytest.mark.slow
 def test_search_command_adds_the_trained_proposal(tiny_synth, registry, tmp_path):
+    """Ranked and chosen on val; on a root with a test split (lung_2cls labels flipped), the
+    realised test gain of every proposal whose networks are trained is reported beside it."""
     import dataclasses
     import json
 
     import yaml
+    from fixtures import make_held_out_root
 
     from taskgroup.affinity.report import matrix_frame
     from taskgroup.config import to_mapping
     from taskgroup.grouping.search import run_search
     from taskgroup.groupings import load_grouping
 
-    cfg = tiny_config(tiny_synth, steps=None, steps_per_task=3, eval_every=1000, checkpoint_every=1000)
+    root = make_held_out_root(tiny_synth, tmp_path / "root", "lung_2cls")
+    cfg = tiny_config(root, steps=None, steps_per_task=3, eval_every=1000, checkpoint_every=1000)
     cfg = dataclasses.replace(
         cfg,
         search=dataclasses.replace(cfg.search, trials=10, pareto_trials=10, trained_trials=3, pruner="none"),
@@ -112,3 +117,12 @@ def test_search_command_adds_the_trained_proposal(tiny_synth, registry, tmp_path
     grouping = load_grouping(tmp_path / "search" / "proposals" / "trained-optuna.yaml", registry)
     assert set(grouping.tasks) == set(TASKS)
     assert {tuple(g) for g in grouping.groups.values()} == {tuple(g) for g in trained.groups}
+    # chosen on val (the trial value), its test gain beside it; TS is trained: test gain 0
+    assert meta["trained"]["chosen_on"] == "val" and meta["trained"]["test_source"] == "test/ root"
+    assert trained.test_gains is not None and meta["best"]["trained"]["mean_gain_on"] == "val"
+    assert meta["best"]["trained"]["test_mean_gain"] == pytest.approx(trained.test_mean)
+    ranking = pd.read_csv(tmp_path / "search" / "ranking.csv").set_index(["estimator", "name"])
+    assert ranking.loc[("trained", "trained-optuna"), "test_mean_gain"] == pytest.approx(trained.test_mean)
+    assert ranking.loc[("gradient", "ts"), "test_mean_gain"] == 0.0
+    assert set(ranking["mean_gain_on"]) == {"predicted", "val"}
+    assert all(f"test_gain:{t}" in ranking.columns for t in TASKS)

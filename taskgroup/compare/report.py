@@ -1,7 +1,10 @@
 """The comparison report: per task, per clinical group and task type, and negative transfer.
 
-From the long table of served scores (grouping, seed, task, metric, value; see
-:func:`taskgroup.compare.run.served_scores`):
+From the long table of served scores (grouping, seed, task, split, metric, value; see
+:func:`taskgroup.compare.run.served_scores`), on one split: the held-out test split when the data
+has one (each task's network still chosen on validation, Standley et al. 2020), else validation.
+Every table carries a ``split`` column and ``report.md`` says which split it reports; with a test
+split, ``per_task_val.csv`` and ``per_group_val.csv`` hold the same tables on validation.
 
 - ``per_task_metrics.csv``: every official metric of every task, mean and standard deviation
   over seeds, per grouping;
@@ -106,9 +109,44 @@ def floored_gain(value: float, reference: float, higher_is_better: bool, floor: 
     return (value - reference) / floor
 
 
+def scores_on(scores: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of one split of a long score table (a table without a ``split`` column is
+    validation, as compare wrote it before test splits)."""
+    if "split" not in scores.columns:
+        if split != "val":
+            raise ValueError(f"the scores hold no {split!r} rows (no split column: validation only)")
+        return scores
+    return scores[scores["split"] == split]
+
+
+def report_split(scores: pd.DataFrame, has_test: bool) -> tuple[str, str]:
+    """The split a report is computed on, and the line saying so: test when the data has a test
+    split and every served (grouping, seed, task) has test scores, else validation (a network
+    trained before test scoring has none; it is named)."""
+    if not has_test:
+        return "val", "reported on: val (the data has no test split; networks chosen on val)"
+    primary = scores[scores["primary"]]
+    keys = ["grouping", "seed", "task"]
+    served = primary[primary["split"] == "val"][[*keys, "network_key"]]
+    tested = primary[primary["split"] == "test"][keys]
+    lacking = served.merge(tested, on=keys, how="left", indicator=True)
+    lacking = lacking[lacking["_merge"] == "left_only"]
+    if lacking.empty:
+        return "test", "reported on: test (networks chosen on val)"
+    networks = sorted(set(lacking["network_key"]))
+    return "val", (
+        f"reported on: val (networks chosen on val): {len(networks)} served network(s) have no test "
+        f"scores (trained before test scoring), e.g. {networks[0]}; remove them from the cache to "
+        "retrain and report on test"
+    )
+
+
 def gains_frame(scores: pd.DataFrame, registry: TaskRegistry, floor: float = 0.0) -> pd.DataFrame:
     """Per grouping, seed and task: the primary value, TS's, the relative gain (denominator
-    floored, see :func:`floored_gain`) and the direction-aware difference (TS rows have gain 0)."""
+    floored, see :func:`floored_gain`) and the direction-aware difference (TS rows have gain 0).
+    ``scores`` hold one split (:func:`scores_on`)."""
+    if "split" in scores.columns and scores["split"].nunique() > 1:
+        raise ValueError("gains_frame takes the scores of one split (see scores_on)")
     primary = scores[scores["primary"]].copy()
     ref = primary[primary["grouping"] == REFERENCE].set_index(["seed", "task"])["value"]
     if ref.empty:
@@ -334,6 +372,44 @@ def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".3f")
 
 
+OVERALL_COLUMNS = [
+    "grouping",
+    "networks",
+    "n_tasks",
+    "delta_m",
+    "ci_low",
+    "ci_high",
+    "p_seeds",
+    "p_tasks",
+    "negative_tasks",
+]
+
+
+def report_tables(
+    scores: pd.DataFrame,
+    registry: TaskRegistry,
+    sizes: Mapping[str, int],
+    confidence: float,
+    floor: float,
+    split: str,
+) -> dict[str, pd.DataFrame]:
+    """The report's tables on one split, each with a last column ``split``."""
+    gains = gains_frame(scores_on(scores, split), registry, floor)
+    tasks_table = per_task(gains, registry, sizes, confidence)
+    negative, correlation = negative_transfer(tasks_table)
+    tables = {
+        "gains": gains,
+        "per_task_metrics": per_task_metrics(scores_on(scores, split)),
+        "per_task": tasks_table,
+        "per_group": per_group(gains, registry, confidence),
+        "negative_transfer": negative,
+        "size_correlation": correlation,
+    }
+    for frame in tables.values():
+        frame["split"] = split
+    return tables
+
+
 def write_report(
     out: Path,
     scores: pd.DataFrame,
@@ -342,54 +418,48 @@ def write_report(
     groupings: Sequence[Grouping],
     confidence: float,
     floor: float = 0.0,
+    split: str = "val",
+    reported_on: str | None = None,
 ) -> dict[str, pd.DataFrame]:
+    """Write the report on ``split`` (``reported_on``: the line of report.md saying which split
+    and why, see :func:`report_split`); on test, the per-task and per-group tables on
+    validation too (``*_val.csv``, and delta_m over all tasks in report.md)."""
     out = Path(out)
-    gains = gains_frame(scores, registry, floor)
-    metrics = per_task_metrics(scores)
-    tasks_table = per_task(gains, registry, sizes, confidence)
-    groups_table = per_group(gains, registry, confidence)
-    negative, correlation = negative_transfer(tasks_table)
+    report = report_tables(scores, registry, sizes, confidence, floor, split)
+    tasks_table, groups_table = report["per_task"], report["per_group"]
+    negative, correlation = report["negative_transfer"], report["size_correlation"]
     networks = pd.DataFrame(
         [{"grouping": g.name, "networks": len(g.groups), "tasks": len(g.tasks)} for g in groupings]
     )
-    report = {
-        "gains": gains,
-        "per_task_metrics": metrics,
-        "per_task": tasks_table,
-        "per_group": groups_table,
-        "negative_transfer": negative,
-        "size_correlation": correlation,
-        "groupings": networks,
-    }
+    report["groupings"] = networks
     for name, frame in report.items():
         frame.to_csv(out / f"{name}.csv", index=False)
     for name in ("per_task", "per_group", "negative_transfer"):
         (out / f"{name}.md").write_text(_markdown(report[name]) + "\n")
+    on_val: list[str] = []
+    if split != "val":
+        val = report_tables(scores, registry, sizes, confidence, floor, "val")
+        for name in ("per_task", "per_group"):
+            val[name].to_csv(out / f"{name}_val.csv", index=False)
+            report[f"{name}_val"] = val[name]
+        val_overall = val["per_group"][val["per_group"]["scope"] == "all"].merge(networks, on="grouping")
+        on_val = [
+            "\n## All tasks on val (where the networks were chosen; optimistic)\n",
+            _markdown(val_overall[OVERALL_COLUMNS]),
+        ]
     overall = groups_table[groups_table["scope"] == "all"].merge(networks, on="grouping")
     text = [
         "# Comparison against task-specific training (TS)\n",
+        f"{reported_on or f'reported on: {split}'}\n",
         f"Relative gain of each task's primary metric over TS of the same seed (for scores where "
         f"higher is better, against at least {floor:g}: n_floored tasks); intervals "
         f"{confidence:.0%} over seeds.\n",
-        "## All tasks\n",
-        _markdown(
-            overall[
-                [
-                    "grouping",
-                    "networks",
-                    "n_tasks",
-                    "delta_m",
-                    "ci_low",
-                    "ci_high",
-                    "p_seeds",
-                    "p_tasks",
-                    "negative_tasks",
-                ]
-            ]
-        ),
-        "\n## Per clinical group and task type\n",
+        f"## All tasks ({split})\n",
+        _markdown(overall[OVERALL_COLUMNS]),
+        *on_val,
+        f"\n## Per clinical group and task type ({split})\n",
         _markdown(groups_table[groups_table["scope"] != "all"]),
-        "\n## Negative transfer against training-set size\n",
+        f"\n## Negative transfer against training-set size ({split})\n",
         _markdown(correlation),
         "",
         _markdown(negative[negative["negative"]])
@@ -410,10 +480,12 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def print_report(console: Console, report: Mapping[str, pd.DataFrame], groupings: Sequence[Grouping]) -> None:
-    table = Table(title="delta_m: mean relative gain over TS (interval over seeds)")
+    groups = report["per_group"]
+    split = str(groups["split"].iloc[0]) if "split" in groups and len(groups) else "val"
+    chosen = " (networks chosen on val)" if split != "val" else ""
+    table = Table(title=f"delta_m on {split}{chosen}: mean relative gain over TS (interval over seeds)")
     for column in ("grouping", "networks", "all", "interval", "p (seeds)", "p (tasks)", *TYPES, "negative"):
         table.add_column(column, justify="left" if column == "grouping" else "right")
-    groups = report["per_group"]
     sizes = {g.name: len(g.groups) for g in groupings}
     for grouping in dict.fromkeys(groups["grouping"]):
         g = groups[groups["grouping"] == grouping].set_index(["scope", "name"])

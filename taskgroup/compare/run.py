@@ -2,7 +2,7 @@
 
     <out>/config.yaml               the resolved run config
     <out>/groupings/<name>.yaml     the groupings compared (on the compared tasks)
-    <out>/scores.csv, .parquet      long: grouping, seed, task, network, metric, value
+    <out>/scores.csv, .parquet      long: grouping, seed, task, network, split, metric, value
     <out>/per_task.csv, .md ...     the report (see :mod:`taskgroup.compare.report`)
     <out>/meta.json                 config, groupings, jobs, cost, the queue's storage and study
 
@@ -13,6 +13,10 @@ run on the same cache (``compare.cache``) and storage trains nothing it already 
 worked off by this process and ``workers - 1`` local processes; ``taskgroup worker --storage URL
 --study NAME`` adds machines (a killed worker's job is resumed from its last checkpoint by
 another, see :mod:`taskgroup.training.jobs`).
+
+The protocol of Standley et al. 2020: a task's serving network (among its grouping's networks
+that train it) is chosen on validation; when the data has a held-out test split, the report is
+computed on test (the long table holds both splits; ``*_val.csv`` the report's tables on val).
 """
 
 from __future__ import annotations
@@ -49,12 +53,13 @@ from taskgroup.training.run import network_config, safe_name
 class CompareResult:
     out: Path
     groupings: list[Grouping]
-    scores: pd.DataFrame  # long: grouping, seed, task, network, network_size, metric, value, primary
+    scores: pd.DataFrame  # long: grouping, seed, task, network, network_size, split, metric, value, primary
     report: dict[str, pd.DataFrame]  # per_task, per_task_metrics, per_group, negative_transfer
     jobs: list[NetworkJob]
     trained_here: int  # networks this process trained (0 when every one was in the cache)
     study: str
     storage: str
+    split: str = "val"  # the split the report is computed on ("test" when the data has one)
 
 
 def resolve_groupings(
@@ -131,7 +136,9 @@ def served_scores(
     select: str = "final",
 ) -> pd.DataFrame:
     """Long table of every task's metrics in every grouping and seed, from the network that
-    serves it (the best on validation among the grouping's networks that train it)."""
+    serves it (the best on validation among the grouping's networks that train it): rows of
+    split "val", and of split "test" (the same network and step) when its results hold test
+    metrics."""
     rows = []
     for grouping in groupings:
         for seed in seeds:
@@ -144,21 +151,24 @@ def served_scores(
                     options.append((_selected(entry, task, registry, select), name, key, entry))
                 pick = max if spec.primary_metric.higher_is_better else min
                 _, name, key, entry = pick(options, key=lambda o: o[0])
-                for metric, value in entry["metrics"].items():
-                    rows.append(
-                        {
-                            "grouping": grouping.name,
-                            "seed": seed,
-                            "task": task,
-                            "network": name,
-                            "network_key": key,
-                            "network_size": len(grouping.groups[name]),
-                            "step": int(entry["step"]),
-                            "metric": metric,
-                            "value": float(value),
-                            "primary": metric == spec.primary_metric.name,
-                        }
-                    )
+                splits = {"val": entry["metrics"], "test": entry.get("test_metrics", {})}
+                for split, metrics in splits.items():
+                    for metric, value in metrics.items():
+                        rows.append(
+                            {
+                                "grouping": grouping.name,
+                                "seed": seed,
+                                "task": task,
+                                "network": name,
+                                "network_key": key,
+                                "network_size": len(grouping.groups[name]),
+                                "step": int(entry["step"]),
+                                "split": split,
+                                "metric": metric,
+                                "value": float(value),
+                                "primary": metric == spec.primary_metric.name,
+                            }
+                        )
     return pd.DataFrame(rows)
 
 
@@ -170,8 +180,8 @@ def run_compare(
     workers: int = 1,
     console: Console | None = None,
 ) -> CompareResult:
-    from taskgroup.compare.report import print_report, write_report
-    from taskgroup.training.data import train_sizes
+    from taskgroup.compare.report import print_report, report_split, write_report
+    from taskgroup.training.data import prepare_data
     from taskgroup.training.pretrain import resolve_pretrained
 
     start = time.perf_counter()
@@ -206,14 +216,23 @@ def run_compare(
     scores = served_scores(groupings, results, registry, seeds, comp.select)
     scores.to_csv(out / "scores.csv", index=False)
     scores.to_parquet(out / "scores.parquet", index=False)
-    sizes, _ = train_sizes(cfg.data, registry, tasks)
-    report = write_report(out, scores, registry, sizes, groupings, comp.confidence, comp.floor)
+    data = prepare_data(dataclasses.replace(cfg.data, preload=False), registry, tasks)  # nothing decoded
+    sizes = {t: data.train.size(t) for t in tasks}
+    split, reported_on = report_split(scores, data.test is not None)
+    report = write_report(
+        out, scores, registry, sizes, groupings, comp.confidence, comp.floor, split, reported_on
+    )
+    console.print(reported_on)
     meta = {
         "config": to_mapping(cfg),
         "tasks": tasks,
         "groupings": {g.name: {k: list(v) for k, v in g.groups.items()} for g in groupings},
         "seeds": seeds,
         "select": comp.select,
+        "chosen_on": "val",
+        "reported_on": split,
+        "reported_on_note": reported_on,
+        "test_source": data.test_source,
         "floor": comp.floor,
         "train_sizes": sizes,
         "storage": url,
@@ -229,4 +248,4 @@ def run_compare(
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     print_report(console, report, groupings)
-    return CompareResult(out, groupings, scores, report, jobs, trained, name, url)
+    return CompareResult(out, groupings, scores, report, jobs, trained, name, url, split)

@@ -31,7 +31,29 @@ field of view, image size, speckle grain, gain and depth attenuation (and vendor
 which carry no label information. Sample counts follow the registry's estimates scaled down (the
 rarest task about 1/40 of the most common, as in the real data).
 
-The truth is written next to the data as ``truth.yaml`` (factors per task, planted groups).
+Mechanisms of transfer (generator 5)
+------------------------------------
+Generators 3 and 4 plant a truth about how images are drawn; what training tasks together does
+was left to chance (measured: every partner helped, across-group partners almost as much as
+within-group ones). Generator 5 plants *causes* of transfer, each with the sign it should give,
+listed in ``truth.yaml`` under ``mechanisms`` (table :data:`DECOYS` and :func:`mechanisms`):
+
+- ``shared_factor`` (+, inside a planted group): members read the same structure, so a partner's
+  gradients train the features a task needs; the data-poor members (fewer than
+  :data:`DATA_POOR_SHARE` of the most common task's images) overfit alone and gain most.
+- ``decoy`` (-, across planted groups): in a classification task's *training* images only, a
+  position factor of another group's structure follows the task's label (rate
+  :data:`DECOY_RATE`); in ``val/`` and ``test/`` it is drawn freely. A partner that reads or
+  localises that structure makes the decoy salient in the shared features, the task's head takes
+  the shortcut, and it loses on held-out images (the shortcut learning of Geirhos et al. 2020,
+  as a partner task induces it). The decoys of the breast and lung tasks lie on structures that
+  their own clinical group's other tasks read (so CG hurts them), the OB tasks carry none (the
+  data-rich clinical group gains from every partner), as the M2DINO paper found.
+
+Generator 5 also writes a held-out ``test/`` split drawn as ``val/``.
+
+The truth is written next to the data as ``truth.yaml`` (factors per task, planted groups,
+mechanisms, splits).
 """
 
 from __future__ import annotations
@@ -136,6 +158,7 @@ SECTOR_FACTORS = frozenset({"blob.octant", "blob.sextant", "texture.sextant"})
 #: batches of candidate positions for the structure placed last before a scene is drawn again
 LABEL_TRIES = 16
 
+
 #: classes of every class factor of a scene (what :func:`_draw` draws from)
 FACTOR_CLASSES = {
     "blob.size": 2,
@@ -176,9 +199,10 @@ FOLDER_NAMES = {
 }
 
 #: bumped whenever a rule or a count changes, so that a cached benchmark built by another
-#: generator is never reused (it is part of its cache name)
+#: generator is never reused (it is part of its cache name). The default stays 4 while
+#: generator 5's mechanisms are measured (README "The embedded synthetic benchmark")
 GENERATOR_VERSION = 4
-GENERATOR_VERSIONS = (3, 4)
+GENERATOR_VERSIONS = (3, 4, 5)
 #: the pretext set's own version: it draws free scenes, which generator 4 left as they were
 PRETEXT_VERSION = 3
 
@@ -189,6 +213,87 @@ CENTRE_Y = 0.58
 #: breast_3cls (depth) and lung_disease_3cls (horizontal position) cut into thirds
 LINE_DEPTH = (0.22, 0.82)
 LINE_ACROSS = (0.12, 0.88)
+
+
+def splits_of(version: int) -> tuple[str, ...]:
+    """The splits a generator writes: generator 5 adds a held-out ``test/`` drawn as ``val/``."""
+    return ("train", "val", "test") if version >= 5 else ("train", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoy:
+    """A shortcut planted in a classification task's training images (generator 5): the class
+    factor ``factor`` of another structure takes ``classes[label]`` (with probability
+    :data:`DECOY_RATE`, else it is drawn freely); held-out splits draw it freely."""
+
+    factor: str
+    classes: tuple[int, ...]  # decoy class per label class
+    why: str
+
+
+#: the share of a task's training images whose decoy factor follows the label
+DECOY_RATE = 0.9
+#: a task whose estimated training size is under this share of the most common task's is
+#: data-poor (at the ``small`` scale: fewer than 60 training images)
+DATA_POOR_SHARE = 0.05
+
+DECOYS: dict[str, Decoy] = {
+    # breast: each classification task's decoy is the structure the other breast tasks read
+    "breast_2cls": Decoy("lines.depth", (0, 2), "breast_3cls reads the main line's depth"),
+    "breast_3cls": Decoy("blob.sextant", (0, 2, 4), "breast_lesion segments the blob"),
+    # lung: likewise
+    "lung_2cls": Decoy("lines.across", (0, 2), "lung_disease_3cls reads the main line's horizontal third"),
+    "lung_disease_3cls": Decoy("blob.sextant", (0, 2, 4), "lung_2cls reads the blob"),
+    # other: the decoy's structure is read by other tasks of the same clinical group too
+    "liver_lesion_2cls": Decoy(
+        "lines.across", (0, 2), "carotid_artery and spinal_cord_injury_loc read the lines"
+    ),
+    # (a set texture sextant with a set blob sextant rarely fits the phased fan: the decoy is
+    # the line's depth third, two sextants to a third)
+    "organ_cls": Decoy(
+        "lines.depth", (0, 0, 1, 1, 2, 2), "carotid_artery and spinal_cord_injury_loc read the lines"
+    ),
+    # OB (fetal_head_pos_cls, fetal_plane_cls, fetal_sacral_pos_cls): no decoy
+}
+
+
+def mechanisms(registry: TaskRegistry) -> list[dict]:
+    """The planted causes of transfer of generator 5, as written to ``truth.yaml``: which tasks,
+    which mechanism, which partners and the expected sign of the task's gain with them."""
+    groups = planted_groups()
+    largest = max(t.train_images for t in registry)
+    out: list[dict] = []
+    for name, members in groups.items():
+        members = tuple(t for t in members if t in registry)
+        out.append(
+            {
+                "mechanism": "shared_factor",
+                "tasks": list(members),
+                "partners": list(members),
+                "sign": "+",
+                "data_poor": [t for t in members if registry[t].train_images < DATA_POOR_SHARE * largest],
+                "cause": f"every member's label is read off the {name} structure",
+            }
+        )
+    for task, decoy in DECOYS.items():
+        if task not in registry:
+            continue
+        structure = structure_of(decoy.factor)
+        out.append(
+            {
+                "mechanism": "decoy",
+                "tasks": [task],
+                "partners": [t for t in groups[structure] if t in registry],
+                "sign": "-",
+                "factor": decoy.factor,
+                "classes": list(decoy.classes),
+                "rate": DECOY_RATE,
+                "cause": f"in the training images {decoy.factor} follows the label ({decoy.why}); "
+                "held-out splits draw it freely",
+            }
+        )
+    return out
+
 
 SCALES = {"tiny": 60, "small": 1200, "medium": 3000}  # train images of the most common task
 TINY_FLOOR = 8  # only the "tiny" test scale lifts its rarest tasks to this floor
@@ -212,6 +317,19 @@ def validation_count(n_train: int, scale: str) -> int:
     tell a real gain of 0.1 from noise)."""
     floor = 8 if scale == "tiny" else 100
     return max(floor, round(0.2 * n_train))
+
+
+def _with_decoy(
+    fixed: dict[str, int], task: str, label: int, seed: int, split: str, version: int
+) -> dict[str, int]:
+    """A training image's set class factors with the task's decoy added (generator 5, train
+    split only, with probability :data:`DECOY_RATE` decided by the image's own seed)."""
+    decoy = DECOYS.get(task)
+    if version < 5 or split != "train" or decoy is None:
+        return fixed
+    if np.random.default_rng([seed, 5]).random() >= DECOY_RATE:
+        return fixed
+    return {**fixed, decoy.factor: decoy.classes[label]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,11 +463,10 @@ def _in_view(boxes: np.ndarray, region: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = boxes.T
     ok = (x0 >= 1) & (y0 >= 1) & (x1 <= width - 1) & (y1 <= height - 1)
     xm = (x0 + x1) / 2
-    for xs, ys in ((x0, y0), (x1, y0), (x0, y1), (x1, y1), (xm, y0), (xm, y1)):
-        xi = np.clip(xs, 0, width - 1).astype(int)
-        yi = np.clip(ys, 0, height - 1).astype(int)
-        ok &= region[yi, xi]
-    return ok
+    # the four corners and the two mid-points of the long sides, all boxes at once: (6, N)
+    xi = np.clip(np.stack((x0, x1, x0, x1, xm, xm)), 0, width - 1).astype(int)
+    yi = np.clip(np.stack((y0, y0, y1, y1, y0, y1)), 0, height - 1).astype(int)
+    return ok & region[yi, xi].all(axis=0)
 
 
 def _clear_of(boxes: np.ndarray, avoid: Sequence[np.ndarray]) -> np.ndarray:
@@ -1061,23 +1178,18 @@ class SynthSummary:
     images: int
 
 
-def generate(
-    out: str | Path,
-    registry: TaskRegistry,
-    scale: str = "small",
-    seed: int = 0,
-    workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    version: int = GENERATOR_VERSION,
-) -> SynthSummary:
-    """Write the synthetic benchmark to ``out`` (``train/``, ``val/``, ``truth.yaml``).
+@dataclasses.dataclass(frozen=True)
+class ImagePlan:
+    """Every image a benchmark draws, before any is rendered: the jobs (split, owner, seed, set
+    class factors), which tasks use each image, and the rows per split and task."""
 
-    ``version`` 4 (default) places the structure that carries a classification task's label
-    last (:func:`sample_scene`), in the task's own images and in the images it shares with
-    another task (each classification task then shares its own range of them); version 3, the
-    generator before 2026-11-24, keeps the benchmark its figures were measured on (there,
-    breast_2cls's label, the side of the texture patch, is read off the lines' position with
-    80 % accuracy)."""
+    jobs: tuple[_ImageJob, ...]
+    users: dict[str, list[str]]  # "split/owner/number" -> the tasks labelled on that image
+    counts: dict[str, dict[str, int]]  # split -> task -> rows
+
+
+def plan_images(registry: TaskRegistry, scale: str, seed: int, version: int) -> ImagePlan:
+    """The images of a benchmark (:class:`ImagePlan`); :func:`generate` renders and writes them."""
     if version not in GENERATOR_VERSIONS:
         raise ValueError(f"synthetic generator version {version}: expected one of {GENERATOR_VERSIONS}")
     missing = [t.id for t in registry if t.id not in TASK_FACTORS]
@@ -1085,12 +1197,9 @@ def generate(
         raise ValueError(
             f"task {missing[0]!r} has no synthetic rule (the benchmark covers the 27 FM_UIA tasks)"
         )
-    out = Path(out)
     counts_train = synthetic_counts(registry, scale)
-    split_counts = {
-        "train": counts_train,
-        "val": {t: validation_count(n, scale) for t, n in counts_train.items()},
-    }
+    held_out = {t: validation_count(n, scale) for t, n in counts_train.items()}
+    split_counts = {split: counts_train if split == "train" else held_out for split in splits_of(version)}
     shared = {
         task: (source, share)
         for task, source, share in SHARED_IMAGES
@@ -1113,39 +1222,88 @@ def generate(
             for t in borrowers:
                 if version >= 4 and t in CLASS_FACTORS:
                     for k, i in enumerate(ranges[t]):
-                        lent[i] = {CLASS_FACTORS[t]: k % registry[t].num_classes}
+                        label = k % registry[t].num_classes
+                        # (a borrower's own images start after its range: no seed is reused)
+                        lent_seed = int(
+                            np.random.SeedSequence([seed, split_no, task_index[t], k]).generate_state(1)[0]
+                        )
+                        lent[i] = _with_decoy({CLASS_FACTORS[t]: label}, t, label, lent_seed, split, version)
             for i in range(len(ranges[spec.id]) if spec.id in ranges else 0, counts[spec.id]):
                 users[f"{split}/{spec.id}/{i}"] = [spec.id]
                 seed_i = int(
                     np.random.SeedSequence([seed, split_no, task_index[spec.id], i]).generate_state(1)[0]
                 )
                 fixed = (
-                    {CLASS_FACTORS[spec.id]: i % spec.num_classes}
+                    _with_decoy(
+                        {CLASS_FACTORS[spec.id]: i % spec.num_classes},
+                        spec.id,
+                        i % spec.num_classes,
+                        seed_i,
+                        split,
+                        version,
+                    )
                     if spec.id in CLASS_FACTORS
                     else lent.get(i)
                 )
                 last = structure_of(next(iter(fixed))) if fixed and version >= 4 else None
                 tries = LABEL_TRIES if last else 1
-                jobs.append(_ImageJob(split, spec.id, i, spec.clinical_group, seed_i, fixed, last, tries))
+                jobs.append(
+                    _ImageJob(
+                        split,
+                        spec.id,
+                        i,
+                        spec.clinical_group,
+                        seed_i,
+                        fixed,
+                        last,
+                        tries,
+                    )
+                )
         for task_id, (source, _) in shared.items():
             for i in ranges[task_id]:  # the source task's images serve this task too
                 users[f"{split}/{source}/{i}"].append(task_id)
+    return ImagePlan(tuple(jobs), users, split_counts)
+
+
+def generate(
+    out: str | Path,
+    registry: TaskRegistry,
+    scale: str = "small",
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    version: int = GENERATOR_VERSION,
+) -> SynthSummary:
+    """Write the synthetic benchmark to ``out`` (``train/``, ``val/``, generator 5 also
+    ``test/``, and ``truth.yaml``).
+
+    ``version`` 4 (default) places the structure that carries a classification task's label
+    last (:func:`sample_scene`), in the task's own images and in the images it shares with
+    another task (each classification task then shares its own range of them); version 3, the
+    generator before 2026-11-24, keeps the benchmark its figures were measured on (there,
+    breast_2cls's label, the side of the texture patch, is read off the lines' position with
+    80 % accuracy); version 5 adds the planted mechanisms of transfer (:data:`DECOYS`,
+    :func:`mechanisms`) and a held-out test split (versions 3 and 4 are byte-identical to what
+    they were, a test)."""
+    plan = plan_images(registry, scale, seed, version)
+    out = Path(out)
+    split_counts = plan.counts
     if out.exists():
         for split in split_counts:
             shutil.rmtree(out / split, ignore_errors=True)
-    rows = _map_chunks(_write_chunk, (out, registry, users), jobs, workers, progress)
-    _write_csvs(out, registry, rows)
+    rows = _map_chunks(_write_chunk, (out, registry, plan.users), list(plan.jobs), workers, progress)
+    _write_csvs(out, registry, rows, tuple(split_counts))
     _write_truth(out, registry, scale, seed, split_counts, version)
-    return SynthSummary(out, split_counts, len(jobs))
+    return SynthSummary(out, split_counts, len(plan.jobs))
 
 
-def _write_csvs(out: Path, registry: TaskRegistry, rows: list[dict]) -> None:
+def _write_csvs(out: Path, registry: TaskRegistry, rows: list[dict], splits: Sequence[str]) -> None:
     import pandas as pd
 
     by_split_task: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         by_split_task.setdefault((r.pop("_split"), r["task_id"]), []).append(r)
-    for split in ("train", "val"):
+    for split in splits:
         folder = out / split / "csv_files"
         folder.mkdir(parents=True, exist_ok=True)
         for spec in registry:
@@ -1180,6 +1338,7 @@ def _write_truth(
             "texture": "rotated rectangle of stripes around a small dark core: position, stripe period, size",
             "lines": "bright segments with acoustic shadows, main one with a knob: direction, position, length, count",
         },
+        **({"splits": list(counts)} if version >= 5 else {}),
         "planted_groups": {g: list(ids) for g, ids in planted_groups().items()},
         "tasks": {
             t.id: {
@@ -1187,11 +1346,12 @@ def _write_truth(
                 "rule": TASK_FACTORS[t.id].rule,
                 "clinical_group": t.clinical_group,
                 "type": t.kind.value,
-                "train": counts["train"][t.id],
-                "val": counts["val"][t.id],
+                **{split: c[t.id] for split, c in counts.items()},
+                **({"decoy": DECOYS[t.id].factor} if version >= 5 and t.id in DECOYS else {}),
             }
             for t in registry
         },
+        **({"mechanisms": mechanisms(registry)} if version >= 5 else {}),
         "scanners": {g: dataclasses.asdict(s) for g, s in SCANNERS.items()},
     }
     (out / "truth.yaml").write_text(

@@ -4,13 +4,18 @@ groups, ranked next to TS, CG and AU by the same predictor (issue 6).
     <out>/proposals/<name>.yaml   each proposal, a grouping ``taskgroup train --grouping`` runs
     <out>/ranking.csv, .md        method, estimator, groups, networks, cost, predicted gain per
                                   task and mean (TS, CG and AU scored the same way), ARI to the
-                                  planted groups on the synthetic benchmark
+                                  planted groups on the synthetic benchmark; ``mean_gain_on``
+                                  says what the gain is (predicted, val, table) and, with trained
+                                  groups on data with a test split, ``test_mean_gain`` the
+                                  realised test gain of every proposal whose networks are trained
     <out>/heatmap_<est>.png       the affinity, ordered and boxed by the best proposal
     <out>/pareto_<est>.png        predicted gain vs networks: the NSGA-II front and every proposal
     <out>/search.db               the Optuna studies (resumable); <out>/meta.json what was done
 
 Every affinity method folder of a run (``<run>/<method>/matrix.csv``) is one *estimator*; each
 estimator gets its own predictor, partitions, candidate pool, selections and Optuna studies.
+Proposals are ranked and chosen on predicted or validation gains only; the held-out test gain is
+reported beside them (Standley et al. 2020: choose on validation, report on test).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -43,6 +48,9 @@ from taskgroup.groupings import BUILTIN, Grouping, builtin_grouping
 from taskgroup.plotting import pyplot
 from taskgroup.tasks import TaskRegistry
 
+if TYPE_CHECKING:  # it trains networks: imported where the trained search runs
+    from taskgroup.grouping.trained import TrainedGains
+
 REFERENCES = BUILTIN  # TS, CG and AU: scored by the same predictor, never proposed
 
 
@@ -55,10 +63,25 @@ class Proposal:
     gains: dict[str, float]  # each task's predicted gain in the network that serves it
     cost: float
     params: str = ""
+    # each task's realised gain on the held-out test split, when its networks are trained and the
+    # data has one (reported beside ``gains``, never used to rank or choose)
+    test_gains: dict[str, float] | None = None
 
     @property
     def mean(self) -> float:
         return float(np.mean(list(self.gains.values())))
+
+    @property
+    def test_mean(self) -> float:
+        """Mean finite test gain (NaN when unknown)."""
+        finite = [g for g in (self.test_gains or {}).values() if np.isfinite(g)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    @property
+    def gain_source(self) -> str:
+        """What ``gains`` are: "val" (realised by trained groups), "table" (a groups table's
+        scores) or "predicted" (from an affinity estimator)."""
+        return {"trained": "val", "table": "table"}.get(self.estimator, "predicted")
 
     @property
     def networks(self) -> int:
@@ -294,9 +317,11 @@ def search_trained(
     out: Path,
     storage: str,
     start: Sequence[Sequence[Sequence[str]]],
-) -> tuple[Proposal, dict[str, Any]]:
+) -> tuple[Proposal, dict[str, Any], TrainedGains]:
     """The trained objective: a TPE study whose trials train their partitions (networks in
-    ``out/trained``), started from ``start``; its best partition with its realised gains."""
+    ``out/trained``), started from ``start``; its best partition (chosen on validation) with its
+    realised validation gains and, when the data has a test split, its realised test gains; and
+    the :class:`~taskgroup.grouping.trained.TrainedGains` that measured them."""
     from taskgroup.grouping.trained import TrainedGains, trained_search
     from taskgroup.runtime import configure_cpu
     from taskgroup.training.pretrain import resolve_pretrained
@@ -317,16 +342,25 @@ def search_trained(
         realised,
         float(len(result.best)),
         f"trials={cfg.trained_trials},pruner={cfg.pruner}",
+        gains.served_test_gains(result.best),
     )
     info = {
         "trials": result.trials,
         "pruned": result.pruned,
         "distinct_partitions": result.distinct,
         "best_value": result.best_value,
+        "chosen_on": "val",
+        "test_mean_gain": _or_none(proposal.test_mean),
+        "test_source": gains.test_source,
         "networks_trained": gains.trained,
         "pruner": cfg.pruner,
     }
-    return proposal, info
+    return proposal, info, gains
+
+
+def _or_none(value: float) -> float | None:
+    """A number for meta.json: None when not finite (an unknown test gain)."""
+    return float(value) if np.isfinite(value) else None
 
 
 def gain_front(proposals: Sequence[Proposal]) -> list[tuple[int, float]]:
@@ -399,6 +433,7 @@ def ranking_frame(
     truth: Sequence[int] | None,
     predictors: Mapping[str, GainPredictor],
 ) -> pd.DataFrame:
+    tested = any(p.test_gains for p in proposals)  # test_gain:<task> columns when any is known
     rows = []
     for p in proposals:
         row: dict[str, Any] = {
@@ -409,12 +444,16 @@ def ranking_frame(
             "networks": p.networks,
             "cost": p.cost,
             "mean_gain": p.mean,
+            "mean_gain_on": p.gain_source,
+            "test_mean_gain": p.test_mean,
         }
         if truth is not None:
             # a measured proposal (groups table) has no predictor: each task's first network
             row["ari"] = adjusted_rand_score(truth, p.served_labels(tasks, predictors.get(p.estimator)))
         row["groups"] = " | ".join("+".join(g) for g in p.groups)
         row.update({f"gain:{t}": p.gains[t] for t in tasks})
+        if tested:
+            row.update({f"test_gain:{t}": (p.test_gains or {}).get(t, np.nan) for t in tasks})
         rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.sort_values(["estimator", "mean_gain"], ascending=[True, False], kind="stable").reset_index(
@@ -447,14 +486,25 @@ def plot_pareto(proposals: Sequence[Proposal], pareto, estimator: str, path: Pat
 
 
 def print_ranking(console: Console, ranking: pd.DataFrame, top: int) -> None:
-    table = Table(title="taskgroup search: top proposals per estimator (predicted mean gain)")
-    columns = ["estimator", "method", "name", "networks", "mean_gain"] + (["ari"] if "ari" in ranking else [])
+    tested = "test_mean_gain" in ranking and bool(ranking["test_mean_gain"].notna().any())
+    table = Table(
+        title="taskgroup search: top proposals per estimator (mean gain: predicted, or val for trained"
+        + ("; test: realised on the held-out test split, not used to rank)" if tested else ")")
+    )
+    columns = ["estimator", "method", "name", "networks", "mean_gain"]
+    columns += (["test_mean_gain"] if tested else []) + (["ari"] if "ari" in ranking else [])
+    numbers = ("mean_gain", "test_mean_gain", "ari")
     for c in columns:
         table.add_column(c, justify="left" if c in ("estimator", "method", "name") else "right")
     for _, part in ranking.groupby("estimator", sort=True):
         shown = pd.concat([part.head(top), part[part.method.isin(REFERENCES)]]).drop_duplicates("name")
         for _, row in shown.iterrows():
-            table.add_row(*[f"{row[c]:+.4f}" if c in ("mean_gain", "ari") else str(row[c]) for c in columns])
+            table.add_row(
+                *[
+                    ("-" if not np.isfinite(row[c]) else f"{row[c]:+.4f}") if c in numbers else str(row[c])
+                    for c in columns
+                ]
+            )
         table.add_section()
     console.print(table)
 
@@ -532,9 +582,14 @@ def run_search(
             p.groups
             for p in best_proposals([p for p in proposals if p.is_partition], 0.0, "tolerance").values()
         ]
-        trained, info = search_trained(
+        trained, info, measured = search_trained(
             run_cfg, registry, tasks, out, storage, [*starts, clinical_groups(registry, tasks)]
         )
+        # beside every proposal whose networks the trained search has trained: its realised test
+        # gain (each task served by its best network on validation); ranking stays as it was
+        for p in proposals:
+            if set(p.gains) == set(tasks):
+                p.test_gains = measured.served_test_gains(p.groups)
         proposals.append(trained)
         meta["trained"] = {**info, "seconds": time.perf_counter() - t0}
     truth = planted_labels(tasks) if synthetic else None
@@ -542,11 +597,8 @@ def run_search(
     ranked = [p for p in proposals if set(p.gains) == set(tasks)]
     ranking = ranking_frame(ranked, tasks, truth, predictors)
     ranking.to_csv(out / "ranking.csv", index=False)
-    (out / "ranking.md").write_text(
-        ranking.drop(columns=[c for c in ranking.columns if c.startswith("gain:")]).to_markdown(
-            index=False, floatfmt="+.4f"
-        )
-    )
+    per_task = [c for c in ranking.columns if c.startswith(("gain:", "test_gain:"))]
+    (out / "ranking.md").write_text(ranking.drop(columns=per_task).to_markdown(index=False, floatfmt="+.4f"))
     best = best_proposals(ranked, cfg.tolerance, cfg.best)
     for p in proposals:
         if p.method in REFERENCES:
@@ -575,7 +627,16 @@ def run_search(
             boxes=boxes,
         )
         plot_pareto(mine, paretos.get(estimator), estimator, out / f"pareto_{_safe(estimator)}.png")
-    meta["best"] = {e: {"name": p.name, "mean_gain": p.mean, "networks": p.networks} for e, p in best.items()}
+    meta["best"] = {
+        e: {
+            "name": p.name,
+            "mean_gain": p.mean,
+            "mean_gain_on": p.gain_source,
+            "test_mean_gain": _or_none(p.test_mean),
+            "networks": p.networks,
+        }
+        for e, p in best.items()
+    }
     # every task in exactly one network: no choice of network on validation (see taskgroup compare)
     meta["best_partition"] = {
         e: {"name": p.name, "mean_gain": p.mean, "networks": p.networks} for e, p in best_partition.items()
@@ -590,4 +651,10 @@ def run_search(
     if truth is not None:
         for e, a in meta["best_ari"].items():
             console.print(f"{e}: best proposal {best[e].name}: ARI to the planted groups {a:+.3f}")
+    for e, p in best.items():
+        if np.isfinite(p.test_mean):
+            console.print(
+                f"{e}: best proposal {p.name} chosen on {p.gain_source} (mean gain {p.mean:+.4f}); "
+                f"realised on the test split: {p.test_mean:+.4f}"
+            )
     return SearchResult(proposals, ranking, best, out, predictors)

@@ -12,6 +12,11 @@ stopped search resumes without retraining anything.
 Pruning: the groups of a trial are trained largest first; after each one the trial reports the
 mean gain of the tasks trained so far at step = their number, and the study's pruner (median by
 default, any Optuna pruner) may stop it before its remaining networks are trained.
+
+Everything is chosen on validation; when the data has a held-out test split, the same networks'
+test scores (at the same final step) give each partition's realised *test* gain, reported
+beside the choice (:meth:`TrainedGains.test_gains`, :meth:`TrainedGains.served_test_gains`) and
+never used by the study.
 """
 
 from __future__ import annotations
@@ -59,26 +64,49 @@ class TrainedGains:
         self.tasks = list(self.tasks)
         self.work_dir = Path(self.work_dir)
         self._scores: dict[tuple[str, ...], dict[str, float]] = {}
+        # per network, its members' primary test metric (None: no test scores)
+        self._test: dict[tuple[str, ...], dict[str, float] | None] = {}
 
     def _data(self) -> TrainingData:
         if self.data is None:
             self.data = prepare_data(self.cfg.data, self.registry, self.tasks)
         return self.data
 
+    @property
+    def test_source(self) -> str | None:
+        """Where the held-out test split comes from (None: the data has none)."""
+        return self._data().test_source
+
+    def folder(self, group: Sequence[str]) -> Path:
+        key = tuple(sorted(group))
+        return network_folder(self.work_dir, "+".join(key), self.cfg, key)
+
+    def is_trained(self, group: Sequence[str]) -> bool:
+        """Whether the group's network is trained (its scores are known without training)."""
+        return tuple(sorted(group)) in self._scores or (self.folder(group) / "done.json").exists()
+
     def scores(self, group: Sequence[str]) -> dict[str, float]:
         """Each member's primary validation metric at the final step of the group's network."""
         key = tuple(sorted(group))
         if key not in self._scores:
-            name = "+".join(key)
-            folder = network_folder(self.work_dir, name, self.cfg, key)
+            folder = self.folder(key)
             done = (folder / "done.json").exists()
-            train_network(self.cfg, self.registry, key, folder, name, self._data())
+            train_network(self.cfg, self.registry, key, folder, "+".join(key), self._data())
             self.trained += not done
             final = final_scores(folder)
-            self._scores[key] = {
-                t: float(final[t]["metrics"][self.registry[t].primary_metric.name]) for t in key
-            }
+            primary = {t: self.registry[t].primary_metric.name for t in key}
+            self._scores[key] = {t: float(final[t]["metrics"][primary[t]]) for t in key}
+            tested = all("test_metrics" in final[t] for t in key)
+            self._test[key] = (
+                {t: float(final[t]["test_metrics"][primary[t]]) for t in key} if tested else None
+            )
         return self._scores[key]
+
+    def test_scores(self, group: Sequence[str]) -> dict[str, float] | None:
+        """Each member's primary held-out test metric at the same final step (None when the data
+        has no test split, or the network was trained before test scoring)."""
+        self.scores(group)
+        return self._test[tuple(sorted(group))]
 
     def gains(self, group: Sequence[str]) -> dict[str, float]:
         """Each member's relative gain in the group over the member trained alone (0 alone)."""
@@ -89,6 +117,39 @@ class TrainedGains:
         for t in group:
             alone = self.scores((t,))[t]
             out[t] = relative_gain(values[t], alone, self.registry[t].primary_metric.higher_is_better)
+        return out
+
+    def test_gains(self, group: Sequence[str]) -> dict[str, float] | None:
+        """:meth:`gains` on the held-out test split (None without test scores)."""
+        values = self.test_scores(group)
+        if values is None:
+            return None
+        if len(group) == 1:
+            return {group[0]: 0.0}
+        out = {}
+        for t in group:
+            alone = self.test_scores((t,))
+            if alone is None:
+                return None
+            out[t] = relative_gain(values[t], alone[t], self.registry[t].primary_metric.higher_is_better)
+        return out
+
+    def served_test_gains(self, groups: Sequence[Sequence[str]]) -> dict[str, float] | None:
+        """Each task's realised test gain in the network that serves it: among the groups that
+        hold it, the best on *validation* (its final primary metric), as ``taskgroup train``
+        serves overlapping groups. None unless every network needed (the groups and each task
+        alone) is already trained and has test scores: nothing is trained here."""
+        needed = {tuple(sorted(g)) for g in groups} | {(t,) for g in groups for t in g}
+        if not all(self.is_trained(g) for g in needed):
+            return None
+        out: dict[str, float] = {}
+        for t in dict.fromkeys(t for g in groups for t in g):
+            pick = max if self.registry[t].primary_metric.higher_is_better else min
+            home = pick((g for g in groups if t in g), key=lambda g: self.scores(g)[t])
+            gains = self.test_gains(home)
+            if gains is None:
+                return None
+            out[t] = gains[t]
         return out
 
 

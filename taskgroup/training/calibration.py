@@ -28,6 +28,7 @@ def calibration_table(run: str | Path, step: int | None = None) -> pd.DataFrame:
         raise ValueError(f"{root}: the calibration table needs a val/ root (the synthetic benchmark has one)")
     train, val = load_index(roots["train"], registry), load_index(roots["val"], registry)
     metrics = pd.read_csv(run / "metrics.csv")
+    metrics = metrics[metrics.split == "val"]  # the baselines are computed on val/
     step = step or int(metrics.step.max())
     last = metrics[metrics.step == step]
     values = {

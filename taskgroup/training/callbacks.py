@@ -24,12 +24,18 @@ METRIC_FIELDS = ["network", "task", "step", "split", "metric", "value"]
 class EvaluationCallback(Callback):
     """Evaluates every ``every`` steps and at the last step; appends tidy rows (network, task,
     step, split, metric, value) to ``metrics.csv``; keeps, per task, the best step on the task's
-    primary metric and the weights of that step (one file per step that is best for at least
-    one task, deleted when no task points to it any more)."""
+    primary *validation* metric and the weights of that step (one file per step that is best for
+    at least one task, deleted when no task points to it any more).
+
+    When the data has a held-out test split, every evaluation scores it too (rows with split
+    "test"), so each task's test metrics at the step chosen on validation are known: ``best``
+    then also holds ``test_value`` and ``test_metrics`` of that step. The test split never
+    chooses anything (steps, networks, pruning: ``on_evaluate`` receives the validation scores)."""
 
     def __init__(self, every: int) -> None:
         self.every = every
-        self.best: dict[str, dict[str, Any]] = {}  # task -> {"step", "value", "metrics"}
+        # task -> {"step", "value", "metrics"} (validation) [+ "test_value", "test_metrics"]
+        self.best: dict[str, dict[str, Any]] = {}
 
     def metrics_file(self, engine: Engine) -> Path:
         return engine.out_dir / "metrics.csv"
@@ -53,6 +59,9 @@ class EvaluationCallback(Callback):
 
     def evaluate(self, engine: Engine, step: int) -> dict[str, dict[str, float]]:
         scores = engine.evaluate("val")
+        splits = {"val": scores}
+        if engine.data.test is not None:
+            splits["test"] = engine.evaluate("test")
         if engine.dist.is_main:
             file = self.metrics_file(engine)
             new = not file.exists()
@@ -60,9 +69,10 @@ class EvaluationCallback(Callback):
                 writer = csv.writer(f)
                 if new:
                     writer.writerow(METRIC_FIELDS)
-                for task, values in scores.items():
-                    for metric, value in values.items():
-                        writer.writerow([engine.name, task, step, "val", metric, value])
+                for split, split_scores in splits.items():
+                    for task, values in split_scores.items():
+                        for metric, value in values.items():
+                            writer.writerow([engine.name, task, step, split, metric, value])
         improved = []
         for task, values in scores.items():
             primary = engine.tasks[task].primary_metric
@@ -73,6 +83,9 @@ class EvaluationCallback(Callback):
             )
             if better:
                 self.best[task] = {"step": step, "value": value, "metrics": values}
+                if "test" in splits:  # reported beside the choice, never part of it
+                    test = splits["test"][task]
+                    self.best[task].update(test_value=test[primary.name], test_metrics=test)
                 improved.append(task)
         if improved and engine.dist.is_main:
             torch.save(engine.model.state_dict(), self.best_dir(engine) / f"step_{step}.pt")

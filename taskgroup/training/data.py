@@ -2,8 +2,10 @@
 
 ``prepare_data`` resolves the data (a user's FM_UIA root, or the embedded synthetic benchmark
 generated once into a cache folder), validates it, and picks the evaluation split: the root's
-``val/`` when it has one, else an image-level stratified split of ``train``. With ``preload``
-every image is decoded and resized once into memory as uint8 (a few hundred MB for the synthetic
+``val/`` when it has one, else an image-level stratified split of ``train``. A held-out test
+split (the root's ``test/``, or ``data.test_root``) is loaded too when there is one: networks
+are chosen and tasks served on validation, and reported on test (Standley et al. 2020). With
+``preload`` every image is decoded and resized once into memory as uint8 (a few hundred MB for the synthetic
 benchmark at 64 px), so a step spends almost no time on data; ground truth for evaluation is
 kept at the original resolution, as the official metrics need it.
 """
@@ -113,6 +115,15 @@ class TrainingData:
     val: SplitData
     root: Path
     val_source: str  # "val/ root" or "split of train"
+    test: SplitData | None = None  # the held-out test split, None when the data has none
+    test_source: str | None = None  # "test/ root" or "data.test_root <path>", None without one
+
+    def split(self, name: str) -> SplitData:
+        """The split called ``name`` ("train", "val" or "test")."""
+        found = {"train": self.train, "val": self.val, "test": self.test}.get(name)
+        if found is None:
+            raise ValueError(f"no {name!r} split here (splits: train, val{', test' if self.test else ''})")
+        return found
 
 
 def _split_data(
@@ -171,12 +182,40 @@ def prepare_data(
     order = list(tasks)
     train_records = {t: subsample(train_records[t], cfg.train_fraction, t) for t in order}
     val_records = {t: val_records[t] for t in order}
+    test_records = None
+    test_root, test_source = _test_root(cfg, roots)
+    if test_root is not None:  # validated as val/ is (before anything is decoded), never subsampled
+        test_report = (report_dir / "bad_rows_test.csv") if report is not None else None
+        test_index = load_index(test_root, registry, tasks=tasks, skip_bad=cfg.skip_bad, report=test_report)
+        _check_tasks(test_index, tasks)
+        test_records = {t: tuple(test_index.records[t]) for t in order}
+
+    def decoded(records: dict[str, Sequence[Record]], label: str) -> SplitData:
+        return _split_data(records, registry, cfg.image_size, cfg.preload, label)
+
     return TrainingData(
-        train=_split_data(train_records, registry, cfg.image_size, cfg.preload, "train"),
-        val=_split_data(val_records, registry, cfg.image_size, cfg.preload, "val"),
+        train=decoded(train_records, "train"),
+        val=decoded(val_records, "val"),
         root=root,
         val_source=source,
+        test=decoded(test_records, "test") if test_records is not None else None,
+        test_source=test_source,
     )
+
+
+def _test_root(cfg: DataConfig, roots: dict[str, Path]) -> tuple[Path | None, str | None]:
+    """The root of the held-out test split and how it was found: ``data.test_root`` when set,
+    else the data root's ``test/``, else none."""
+    from taskgroup.errors import DataError
+
+    if cfg.test_root is not None:
+        path = Path(cfg.test_root).expanduser()
+        if not (path / "csv_files").is_dir():
+            raise DataError(f"data.test_root {path}: no csv_files/ folder (expected an FM_UIA root)")
+        return path, f"data.test_root {path}"
+    if "test" in roots:
+        return roots["test"], "test/ root"
+    return None, None
 
 
 def train_sizes(cfg: DataConfig, registry: TaskRegistry, tasks: Sequence[str]) -> tuple[dict[str, int], Path]:

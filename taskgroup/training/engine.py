@@ -189,8 +189,8 @@ class Engine:
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> dict[str, dict[str, float]]:
-        """Official metrics per task on a split, at original resolution."""
-        data = self.data.val if split == "val" else self.data.train
+        """Official metrics per task on a split ("val", "test" or "train"), at original resolution."""
+        data = self.data.split(split)
         was_training = self.model.training
         self.model.eval()
         scores: dict[str, dict[str, float]] = {}

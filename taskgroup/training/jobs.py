@@ -218,7 +218,9 @@ def _job_of(trial: optuna.trial.FrozenTrial) -> NetworkJob | None:
 def job_results(study: optuna.Study, which: str = "best") -> dict[str, dict[str, Any]]:
     """Complete jobs: key -> per task, the network's ``best`` step on validation
     ({task: {"step", "value", "metrics"}}) or its ``final`` evaluation ({task: {"step",
-    "metrics"}})."""
+    "metrics"}}); with the data's held-out test split, also the test scores of that step
+    (``test_value`` and ``test_metrics``; ``test_metrics`` only for ``final``), absent in jobs
+    trained before test scoring."""
     out = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         out[t.user_attrs[JOB]] = t.user_attrs[which]

@@ -3,7 +3,9 @@
 A paradigm is only a way to cut the tasks into sets: TS, CG, AU and any grouping file all go
 through :func:`train_grouping`, which trains each network with the one engine and then picks, for
 every task, the network that is best for it on validation (overlapping groups, as in Standley et
-al. 2020). A run folder holds::
+al. 2020); when the data has a held-out test split, the chosen network's test metrics at the
+chosen step are reported beside (``served.csv``: ``test_value``, ``test_<metric>``). A run folder
+holds::
 
     config.yaml  grouping.yaml  log.txt  metrics.csv  served.csv
     networks/<name>/  network.json  metrics.csv  best.json  done.json  checkpoints/{last.pt,best/}
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,16 +48,24 @@ NETWORK_SECTIONS = ("model", "data", "train", "registry")
 
 def final_scores(network_dir: Path) -> dict[str, dict[str, Any]]:
     """Every task's validation metrics at a network's last evaluation (its final weights):
-    ``{task: {"step", "metrics"}}``, read from the network's ``metrics.csv``."""
+    ``{task: {"step", "metrics"}}``, read from the network's ``metrics.csv``; with
+    ``"test_metrics"`` too when that evaluation scored a held-out test split."""
     frame = pd.read_csv(Path(network_dir) / "metrics.csv")
+    test = frame[frame["split"] == "test"]
     frame = frame[frame["split"] == "val"]
     out = {}
     for task, rows in frame.groupby("task", sort=False):
-        last = rows[rows["step"] == rows["step"].max()]
+        step = rows["step"].max()
+        last = rows[rows["step"] == step]
         out[str(task)] = {
-            "step": int(last["step"].iloc[0]),
+            "step": int(step),
             "metrics": {str(m): float(v) for m, v in zip(last["metric"], last["value"], strict=True)},
         }
+        last_test = test[(test["task"] == task) & (test["step"] == step)]
+        if not last_test.empty:
+            out[str(task)]["test_metrics"] = {
+                str(m): float(v) for m, v in zip(last_test["metric"], last_test["value"], strict=True)
+            }
     return out
 
 
@@ -62,7 +73,9 @@ def final_scores(network_dir: Path) -> dict[str, dict[str, Any]]:
 class NetworkResult:
     name: str
     tasks: tuple[str, ...]
-    best: dict[str, dict[str, Any]]  # task -> {"step", "value", "metrics"}
+    # task -> {"step", "value", "metrics"} on validation, + {"test_value", "test_metrics"} at that
+    # step when the data has a test split (absent in networks trained before test scoring)
+    best: dict[str, dict[str, Any]]
     out_dir: Path
 
 
@@ -70,7 +83,7 @@ class NetworkResult:
 class RunResult:
     grouping: Grouping
     networks: dict[str, NetworkResult]
-    served: pd.DataFrame  # one row per task: the network serving it and its metrics
+    served: pd.DataFrame  # one row per task: the network serving it (chosen on val), val and test metrics
     metrics: pd.DataFrame  # tidy: network, task, step, split, metric, value
 
 
@@ -80,8 +93,13 @@ def safe_name(name: str) -> str:
 
 def network_config(cfg: RunConfig) -> dict[str, Any]:
     """The part of a run config a trained network depends on: model, data, training and registry
-    (not the sections that only say what is measured, searched or compared around trainings)."""
-    return {k: v for k, v in to_mapping(cfg).items() if k in NETWORK_SECTIONS}
+    (not the sections that only say what is measured, searched or compared around trainings).
+    ``data.test_root`` is left out when unset: a network does not depend on it (the test split is
+    only scored), and networks trained before it existed keep their hash and cached folders."""
+    config = {k: v for k, v in to_mapping(cfg).items() if k in NETWORK_SECTIONS}
+    if config["data"].get("test_root") is None:
+        config["data"] = {k: v for k, v in config["data"].items() if k != "test_root"}
+    return config
 
 
 def network_hash(cfg: RunConfig, tasks: Sequence[str]) -> str:
@@ -143,7 +161,10 @@ def train_network(
 def serve_tasks(
     grouping: Grouping, networks: dict[str, NetworkResult], registry: TaskRegistry
 ) -> pd.DataFrame:
-    """For each task, the network that is best for it on validation (by its primary metric)."""
+    """For each task, the network that is best for it on validation (by its primary metric):
+    ``value`` and ``val_<metric>`` are that network's validation scores at its best step,
+    ``test_value`` and ``test_<metric>`` its held-out test scores at the same step (NaN when the
+    data has no test split, or the network was trained before test scoring)."""
     rows = []
     for task in grouping.tasks:
         spec = registry[task]
@@ -163,9 +184,15 @@ def serve_tasks(
                 "higher_is_better": primary.higher_is_better,
                 "value": best["value"],
                 **{f"val_{k}": v for k, v in best["metrics"].items()},
+                "test_value": best.get("test_value", math.nan),
+                **{f"test_{k}": best.get("test_metrics", {}).get(k, math.nan) for k in best["metrics"]},
             }
         )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    tested = ["test_value", *(c for c in frame.columns if c.startswith("test_") and c != "test_value")]
+    return frame[[c for c in frame.columns if not c.startswith("test_")] + tested]  # val, then test
 
 
 def _log_to(path: Path) -> logging.Handler:
@@ -198,7 +225,12 @@ def train_grouping(
     handler = _log_to(out_dir / "log.txt") if dist_info.is_main else logging.NullHandler()
     try:
         data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
-        log.info("data: %s (evaluation on the %s)", data.root, data.val_source)
+        log.info(
+            "data: %s (networks chosen on the %s; %s)",
+            data.root,
+            data.val_source,
+            f"reported on the {data.test_source} too" if data.test_source else "no test split",
+        )
         networks: dict[str, NetworkResult] = {}
         progress = ProgressCallback.make_progress(console)
         with progress:
