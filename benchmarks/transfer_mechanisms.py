@@ -1,22 +1,20 @@
-"""Do the planted mechanisms of generator 5 change what training together does?
+"""Do generator 5's planted mechanisms change what training together does?
 
-    python benchmarks/transfer_mechanisms.py --data ROOT --out DIR [--seeds 1] [--first-seed 0] [--set k=v ...] [--json OUT]
+    python benchmarks/transfer_mechanisms.py --data ROOT --out DIR [--tasks T ...] [--seeds 1]
+        [--first-seed 0] [--set k=v ...] [--json OUT]
 
-``ROOT`` is a generator-5 benchmark (``taskgroup synth --version 5 --out ROOT``). For every task
-that carries a decoy (``truth.yaml``, mechanism ``decoy``), four networks are trained with the
-run config (``configs/tiny.yaml`` and ``--set`` overrides; one engine, as ``taskgroup train``):
+``ROOT`` is a generator-5 benchmark (``taskgroup synth --version 5 --out ROOT``). For every
+target task (``--tasks``, default :data:`TARGETS`: the decoy tasks and a data-poor task of each
+planted group), networks are trained with the run config (``configs/tiny.yaml`` and ``--set``
+overrides; one engine, as ``taskgroup train``): the target alone, and with the most data-rich
+other task of each planted group (``within`` its own group, ``across`` the two others; the
+group that holds the target's decoy, ``truth.yaml``, is marked). Networks are trained once into
+``--out`` (a rerun reuses them), so the table can be grown over several runs.
 
-- ``alone``: the task by itself;
-- ``within``: with the most data-rich other member of its planted group (``shared_factor``,
-  expected +);
-- ``decoy``: with the most data-rich task of the decoy's structure (expected -: the partner
-  makes the shortcut salient);
-- ``third``: with the most data-rich task of the remaining planted group (neither mechanism).
-
-It prints, per task and seed, the task's primary metric alone and its relative gain with each
-partner (higher is better), on validation (the step chosen on validation) and, when the data
-has a test split, on test at that step. Networks are trained once into ``--out`` (a rerun
-reuses them), so the table can be grown over several runs.
+It prints each target's primary metric alone and its relative gain with each partner (higher is
+better) on validation (at the step chosen on validation) and, when the data has a test split,
+on test at that step; then the mean within-group and across-group gains and the share of
+negative across-group gains (the planted truth says: within > 0, across <= 0).
 """
 
 from __future__ import annotations
@@ -35,31 +33,37 @@ from taskgroup.tasks import load_registry
 from taskgroup.training.run import train_grouping
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+#: the decoy tasks, and data-poor dense tasks of each planted group
+TARGETS = (
+    "breast_2cls",
+    "lung_2cls",
+    "liver_lesion_2cls",
+    "fetal_heart",
+    "FUGC",
+    "cervix_multi",
+    "carotid_artery",
+    "spinal_cord_injury_loc",
+)
 
 
-def partners(truth: dict, task: str, decoy_factor: str) -> dict[str, str]:
-    """The within, decoy and third-group partner of a decoy task: the most data-rich task of
-    each planted group (ties by name)."""
-    groups = planted_groups()
-    own = truth["tasks"][task]["structure"]
-    decoy = structure_of(decoy_factor)
-    (third,) = set(groups) - {own, decoy}
+def partners(truth: dict, task: str) -> dict[str, str]:
+    """The most data-rich other task of each planted group (ties by name), keyed by the group."""
 
     def richest(group: str) -> str:
-        members = [t for t in groups[group] if t != task and t in truth["tasks"]]
+        members = [t for t in planted_groups()[group] if t != task and t in truth["tasks"]]
         return max(sorted(members), key=lambda t: truth["tasks"][t]["train"])
 
-    return {"within": richest(own), "decoy": richest(decoy), "third": richest(third)}
+    return {group: richest(group) for group in planted_groups()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tasks", nargs="*", default=list(TARGETS))
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--tasks", nargs="*", default=None, help="decoy tasks to measure (default: all)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     truth = read_truth(args.data)
@@ -67,42 +71,54 @@ def main() -> None:
         raise SystemExit(f"{args.data}: generator {truth.get('generator_version')} plants no mechanism")
     registry = load_registry()
     decoys = {m["tasks"][0]: m["factor"] for m in truth["mechanisms"] if m["mechanism"] == "decoy"}
-    targets = [t for t in decoys if args.tasks is None or t in args.tasks]
     groups: dict[str, tuple[str, ...]] = {}
-    plan: dict[str, dict[str, str]] = {}
-    for task in targets:
-        plan[task] = {"alone": f"{task}"}
+    plan: dict[str, dict[str, str]] = {}  # target -> partner group -> network
+    for task in args.tasks:
         groups[task] = (task,)
-        for kind, partner in partners(truth, task, decoys[task]).items():
-            name = f"{task}+{partner}"
-            groups[name] = (task, partner)
-            plan[task][kind] = name
-    rows = []
+        plan[task] = {}
+        for group, partner in partners(truth, task).items():
+            groups[f"{task}+{partner}"] = (task, partner)
+            plan[task][group] = f"{task}+{partner}"
+    rows, gains = [], {}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = load_run_config(CONFIG, [f"data.root={args.data}", f"train.seed={seed}", *args.overrides])
         result = train_grouping(cfg, Grouping("mechanisms", groups), args.out / f"seed{seed}", registry)
-        for task in targets:
+        for task in args.tasks:
+            own = truth["tasks"][task]["structure"]
+            decoy = structure_of(decoys[task]) if task in decoys else None
             higher = registry[task].primary_metric.higher_is_better
-            best = {kind: result.networks[name].best[task] for kind, name in plan[task].items()}
-            row: dict[str, object] = {"task": task, "seed": seed, "decoy": decoys[task]}
+            alone = result.networks[task].best[task]
             for split, key in (("val", "value"), ("test", "test_value")):
-                alone = best["alone"].get(key)
-                if alone is None:
+                if alone.get(key) is None:
                     continue
-                row[f"{split} alone"] = round(float(alone), 3)
-                for kind in ("within", "decoy", "third"):
-                    gain = relative_gain(float(best[kind][key]), float(alone), higher)
-                    row[f"{split} {kind}"] = f"{gain:+.3f}"
-            row["partners"] = ", ".join(plan[task][k].split("+")[1] for k in ("within", "decoy", "third"))
-            rows.append(row)
-    for kind in ("within", "decoy", "third"):
-        for split in ("val", "test"):
-            values = [float(r[f"{split} {kind}"]) for r in rows if f"{split} {kind}" in r]
-            if values:
-                print(
-                    f"mean {split} gain with the {kind} partner: {statistics.mean(values):+.3f} ({len(values)})"
-                )
-    report("gain of each decoy task with a partner over the task alone", rows, args.json)
+                row: dict[str, object] = {"task": task, "seed": seed, "split": split}
+                row["alone"] = round(float(alone[key]), 3)
+                for group, network in plan[task].items():
+                    partner = network.split("+")[1]
+                    gain = relative_gain(
+                        float(result.networks[network].best[task][key]), float(alone[key]), higher
+                    )
+                    kind = "within" if group == own else "across"
+                    gains.setdefault((split, kind, group == decoy), []).append(gain)
+                    label = f"{kind}{' (decoy)' if group == decoy else ''}"
+                    row[group] = f"{gain:+.3f} {label} {partner}"
+                rows.append(row)
+    report(
+        "gain of each target with the richest task of each planted group, over the target alone",
+        rows,
+        args.json,
+    )
+    for split in ("val", "test"):
+        within = gains.get((split, "within", False), [])
+        across = gains.get((split, "across", False), []) + gains.get((split, "across", True), [])
+        decoy = gains.get((split, "across", True), [])
+        if not within:
+            continue
+        print(
+            f"{split}: within mean {statistics.mean(within):+.3f} ({len(within)}), across mean "
+            f"{statistics.mean(across):+.3f} ({len(across)}, {sum(g < 0 for g in across)} negative), "
+            f"decoy partners {statistics.mean(decoy) if decoy else float('nan'):+.3f} ({len(decoy)})"
+        )
 
 
 if __name__ == "__main__":

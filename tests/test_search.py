@@ -14,6 +14,7 @@ from fixtures import TINY_CONFIG
 from sklearn.metrics import adjusted_rand_score
 
 from taskgroup.affinity.report import matrix_frame
+from taskgroup.affinity.trained import every_set_jobs, groups_table
 from taskgroup.config import load_run_config, to_mapping
 from taskgroup.data.synthetic import planted_labels
 from taskgroup.errors import DataError
@@ -29,6 +30,7 @@ from taskgroup.grouping.search import (
     run_search,
 )
 from taskgroup.groupings import load_grouping
+from taskgroup.training.jobs import NetworkJob
 
 TASKS = [f"t{k}" for k in range(27)]
 TRUTH = [k // 9 for k in range(27)]
@@ -250,3 +252,51 @@ def test_groups_table_selection_and_errors(tmp_path, registry):
         read_groups_table(words, registry)
     with pytest.raises(DataError, match=r"no <method>/matrix\.csv"):
         run_search(load_run_config(TINY_CONFIG).search, registry, tmp_path / "s", [tmp_path])
+
+
+def test_the_exhaustive_truth_table_is_a_groups_table_of_hand_computed_gains(tmp_path, registry):
+    """benchmarks/truth_table.py's table: every non-empty set per seed, singles first; each
+    member's gain over its own single-task network of the same seed, averaged over seeds (MRE:
+    lower is better, so its gain is the relative drop), read back by ``--groups-table``."""
+    tasks = ("breast_2cls", "FUGC", "fetal_heart")
+    jobs = every_set_jobs(tasks, [0, 1])
+    assert len(jobs) == 2 * 7 and [len(j.tasks) for j in jobs[:3]] == [1, 1, 1]
+    assert len({j.key for j in jobs}) == 14
+    values = {  # seed -> network -> task -> primary value
+        0: {
+            ("breast_2cls",): {"breast_2cls": 0.80},
+            ("FUGC",): {"FUGC": 20.0},
+            ("fetal_heart",): {"fetal_heart": 0.0},
+            ("FUGC", "breast_2cls"): {"breast_2cls": 0.88, "FUGC": 18.0},
+        },
+        1: {
+            ("breast_2cls",): {"breast_2cls": 0.50},
+            ("FUGC",): {"FUGC": 10.0},
+            ("fetal_heart",): {"fetal_heart": 0.2},
+            ("FUGC", "breast_2cls"): {"breast_2cls": 0.45, "FUGC": 12.0},
+        },
+    }
+    results = {
+        NetworkJob(net, seed).key: {t: {"value": v, "test_value": v / 2} for t, v in scores.items()}
+        for seed, nets in values.items()
+        for net, scores in nets.items()
+    }
+    sets = [j.tasks for j in jobs if j.seed == 0]
+    table = groups_table(results, sets, [0, 1], registry).set_index("tasks")
+    pair = table.loc["FUGC+breast_2cls"]
+    assert pair["breast_2cls"] == pytest.approx(
+        ((0.88 - 0.8) / 0.8 + (0.45 - 0.5) / 0.5) / 2
+    )  # (+0.1 - 0.1) / 2
+    assert pair["FUGC"] == pytest.approx(((20 - 18) / 20 + (10 - 12) / 10) / 2)  # (+0.1 - 0.2) / 2
+    assert table.loc["breast_2cls", "breast_2cls"] == 0.0 and table.loc["FUGC", "cost"] == 1.0
+    assert pd.isna(table.loc["fetal_heart", "fetal_heart"])  # alone 0 in seed 0: no relative gain
+    assert pd.isna(table.loc["FUGC+breast_2cls+fetal_heart", "FUGC"])  # not trained
+    assert pd.isna(table.loc["breast_2cls", "FUGC"])  # not a member
+    test = groups_table(results, sets, [0, 1], registry, "test_value").set_index("tasks")
+    assert test.loc["FUGC+breast_2cls", "FUGC"] == pytest.approx(pair["FUGC"])  # halved both
+    trained = table.loc[["breast_2cls", "FUGC", "FUGC+breast_2cls"]].reset_index()
+    trained.to_csv(tmp_path / "val.csv", index=False)
+    read = {c.name: c.scores for c in read_groups_table(tmp_path / "val.csv", registry)}
+    assert read["FUGC+breast_2cls"] == pytest.approx(
+        {"FUGC": pair["FUGC"], "breast_2cls": pair["breast_2cls"]}
+    )

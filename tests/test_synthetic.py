@@ -346,6 +346,12 @@ def test_generator_5_truth_names_every_mechanism_with_its_sign(registry):
         tuple(sorted(ids)) for ids in planted_groups().values()
     )
     assert all(m["sign"] == "+" for m in shared) and all(m["sign"] == "-" for m in decoys)
+    domains = [m for m in mechanisms if m["mechanism"] == "domain"]
+    assert sorted(tuple(sorted(m["tasks"])) for m in domains) == sorted(
+        tuple(sorted(ids)) for ids in planted_groups().values()
+    )
+    for m in domains:  # the partners of the domain mechanism are every task of another group
+        assert sorted(m["partners"]) == sorted(set(registry.ids) - set(m["tasks"])) and m["sign"] == "0"
     assert {m["tasks"][0] for m in decoys} == set(DECOYS)
     for m in decoys:
         task = m["tasks"][0]
@@ -365,3 +371,45 @@ def test_generator_5_truth_names_every_mechanism_with_its_sign(registry):
         for m in decoys:
             if m["tasks"][0] in members:
                 assert members & set(m["partners"]) - set(m["tasks"]), (group, m)
+
+
+def test_generator_5_images_show_only_the_structures_their_tasks_read(registry):
+    """The domain mechanism: a generator-5 image draws the structures its tasks read (and their
+    decoys'); the others are left out of the image, nothing else changes (same random draws)."""
+    from taskgroup.data.synthetic import DECOYS, _scene_for, plan_images, render
+
+    plan = plan_images(registry, "tiny", 0, 5)
+    by_owner = {}
+    for job in plan.jobs:
+        by_owner.setdefault(job.owner, job)
+    assert by_owner["fetal_heart"].shown == ("blob",)
+    assert by_owner["thyroid_nodule"].shown == ("texture",)
+    assert by_owner["IUGC"].shown == ("lines",)
+    assert by_owner["lung_2cls"].shown == ("blob", "lines")  # its decoy is the main line
+    # breast_lesion images lent to breast_2cls (texture, decoy on the lines) show all three
+    lent = [
+        j
+        for j in plan.jobs
+        if j.owner == "breast_lesion" and "breast_2cls" in plan.users[f"{j.split}/{j.owner}/{j.number}"]
+    ]
+    assert lent and all(j.shown == ("blob", "texture", "lines") for j in lent)
+    assert set(DECOYS) <= {t for t in registry.ids if TASK_FACTORS[t].structure != "lines"}
+    job = by_owner["fetal_heart"]
+    scene, shown_masks, _ = _scene_for(job)
+    assert not (shown_masks.patch_outer.any() or shown_masks.main_line.any())  # not in the image
+    assert shown_masks.blob_core.any()
+    masks = rasterise(scene)  # every structure's masks, to see what is left out of the image
+    full = render(scene, masks, np.random.default_rng(1))
+    blob_only = render(scene, masks, np.random.default_rng(1), ("blob",))
+    others = (
+        masks.patch_outer
+        | masks.patch_core
+        | masks.patch_border
+        | masks.main_line
+        | masks.other_lines
+        | masks.shadow
+    )
+    changed = full != blob_only
+    assert changed.any() and not (changed & ~others).any()
+    # the generators before 5 draw every structure in every image
+    assert all(j.shown == ("blob", "texture", "lines") for j in plan_images(registry, "tiny", 0, 4).jobs)

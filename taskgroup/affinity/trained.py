@@ -14,10 +14,13 @@ step (an early-stopped approximation, as Standley et al. train with a fixed budg
 from __future__ import annotations
 
 import itertools
+import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn.linear_model import Ridge
 
 from taskgroup.metrics.summary import relative_gain
@@ -121,3 +124,39 @@ def subsets_matrix(
         out[:, j] = model.coef_
         out[j, j] = 0.0
     return out
+
+
+def every_set_jobs(tasks: Sequence[str], seeds: Sequence[int]) -> list[NetworkJob]:
+    """Every non-empty subset of ``tasks`` (2^n - 1 networks) for each seed, singles first (the
+    exhaustive truth table of ``benchmarks/truth_table.py``)."""
+    sets = [s for k in range(1, len(tasks) + 1) for s in itertools.combinations(tasks, k)]
+    return [NetworkJob(s, seed) for seed in seeds for s in sets]
+
+
+def groups_table(
+    results: Mapping[str, Mapping[str, Any]],
+    sets: Sequence[Sequence[str]],
+    seeds: Sequence[int],
+    registry: TaskRegistry,
+    key: str = "value",
+) -> pd.DataFrame:
+    """Trained task sets as a ``taskgroup search --groups-table``: one row per set (``tasks``
+    joined by ``+``), each member's gain over its single-task network of the same seed (the
+    primary metric's ``key``: ``value`` on validation, ``test_value`` on test), averaged over
+    ``seeds``; empty where a member's gain is undefined (a missing result or an alone value of
+    0); ``cost`` 1 per network."""
+    rows = []
+    for members in sets:
+        row: dict[str, Any] = {"tasks": "+".join(sorted(members))}
+        for task in sorted(members):
+            gains = []
+            for seed in seeds:
+                alone = results.get(NetworkJob((task,), seed).key, {}).get(task, {}).get(key)
+                value = results.get(NetworkJob(tuple(members), seed).key, {}).get(task, {}).get(key)
+                if alone is not None and value is not None:
+                    gains.append(_gain(registry, task, float(value), float(alone)))
+            ok = len(gains) == len(seeds) and all(math.isfinite(g) for g in gains)
+            row[task] = statistics.mean(gains) if ok else None
+        row["cost"] = 1.0
+        rows.append(row)
+    return pd.DataFrame(rows)

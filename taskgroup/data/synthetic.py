@@ -41,14 +41,17 @@ listed in ``truth.yaml`` under ``mechanisms`` (table :data:`DECOYS` and :func:`m
 - ``shared_factor`` (+, inside a planted group): members read the same structure, so a partner's
   gradients train the features a task needs; the data-poor members (fewer than
   :data:`DATA_POOR_SHARE` of the most common task's images) overfit alone and gain most.
-- ``decoy`` (-, across planted groups): in a classification task's *training* images only, a
-  position factor of another group's structure follows the task's label (rate
-  :data:`DECOY_RATE`); in ``val/`` and ``test/`` it is drawn freely. A partner that reads or
-  localises that structure makes the decoy salient in the shared features, the task's head takes
-  the shortcut, and it loses on held-out images (the shortcut learning of Geirhos et al. 2020,
-  as a partner task induces it). The decoys of the breast and lung tasks lie on structures that
-  their own clinical group's other tasks read (so CG hurts them), the OB tasks carry none (the
-  data-rich clinical group gains from every partner), as the M2DINO paper found.
+- ``domain`` (0, across planted groups): an image shows only the structures its tasks read
+  (and their decoys'), no longer all three: a partner of another group trains the encoder on
+  images without the task's structure, so it brings none of the task's features (with all three
+  in every image, every partner taught every structure: generators 3 and 4).
+- ``decoy`` (-, across planted groups): in a 2-class task's *training* images only, the
+  direction of the main line (which end carries the knob) follows the label (rate
+  :data:`DECOY_RATE`); in ``val/`` and ``test/`` it is drawn freely (the line is there in every
+  split). The pretrained encoder does not tell the line's two ends apart; a partner that reads
+  the knob (the lines group) should make the shortcut salient in the shared features, and the
+  task lose on held-out images (shortcut learning, Geirhos et al. 2020, induced by a partner).
+  The OB tasks carry no decoy (the data-rich clinical group should gain from every partner).
 
 Generator 5 also writes a held-out ``test/`` split drawn as ``val/``.
 
@@ -232,27 +235,21 @@ class Decoy:
 
 
 #: the share of a task's training images whose decoy factor follows the label
-DECOY_RATE = 0.9
+DECOY_RATE = 1.0
 #: a task whose estimated training size is under this share of the most common task's is
 #: data-poor (at the ``small`` scale: fewer than 60 training images)
 DATA_POOR_SHARE = 0.05
 
 DECOYS: dict[str, Decoy] = {
-    # breast: each classification task's decoy is the structure the other breast tasks read
-    "breast_2cls": Decoy("lines.depth", (0, 2), "breast_3cls reads the main line's depth"),
-    "breast_3cls": Decoy("blob.sextant", (0, 2, 4), "breast_lesion segments the blob"),
-    # lung: likewise
-    "lung_2cls": Decoy("lines.across", (0, 2), "lung_disease_3cls reads the main line's horizontal third"),
-    "lung_disease_3cls": Decoy("blob.sextant", (0, 2, 4), "lung_2cls reads the blob"),
-    # other: the decoy's structure is read by other tasks of the same clinical group too
-    "liver_lesion_2cls": Decoy(
-        "lines.across", (0, 2), "carotid_artery and spinal_cord_injury_loc read the lines"
-    ),
-    # (a set texture sextant with a set blob sextant rarely fits the phased fan: the decoy is
-    # the line's depth third, two sextants to a third)
-    "organ_cls": Decoy(
-        "lines.depth", (0, 0, 1, 1, 2, 2), "carotid_artery and spinal_cord_injury_loc read the lines"
-    ),
+    # The decoy is the direction of the main line (tail -> knob) in two opposite 45-degree bins,
+    # one per class: the same line either way, only the end with the knob differs. The pretext
+    # encoder does not tell the two ends apart (its targets mark the knob as line); the lines
+    # tasks that read the knob (IUGC's knob point, fetal_head_pos_cls's direction, the main-line
+    # masks and box) teach it. A position of another structure was tried first and gave no
+    # measurable effect: positions are in the pretrained features already (README).
+    "breast_2cls": Decoy("lines.direction", (0, 4), "IUGC and fetal_head_pos_cls read the knob"),
+    "lung_2cls": Decoy("lines.direction", (0, 4), "IUGC and fetal_head_pos_cls read the knob"),
+    "liver_lesion_2cls": Decoy("lines.direction", (0, 4), "IUGC and fetal_head_pos_cls read the knob"),
     # OB (fetal_head_pos_cls, fetal_plane_cls, fetal_sacral_pos_cls): no decoy
 }
 
@@ -273,6 +270,18 @@ def mechanisms(registry: TaskRegistry) -> list[dict]:
                 "sign": "+",
                 "data_poor": [t for t in members if registry[t].train_images < DATA_POOR_SHARE * largest],
                 "cause": f"every member's label is read off the {name} structure",
+            }
+        )
+    for name, members in groups.items():
+        members = tuple(t for t in members if t in registry)
+        out.append(
+            {
+                "mechanism": "domain",
+                "tasks": list(members),
+                "partners": [t for t in registry.ids if t not in members],
+                "sign": "0",
+                "cause": f"an image shows only the structures its tasks read (and their decoys'): partners "
+                f"outside the {name} group train on images without the {name} structure",
             }
         )
     for task, decoy in DECOYS.items():
@@ -496,8 +505,13 @@ def sample_scene(
     fixed: Mapping[str, int] | None = None,
     last: str | None = None,
     tries: int = 1,
+    free: Sequence[str] = (),
 ) -> Scene:
     """Draw the latent factors of one image; every class of every rule is equally likely.
+
+    ``free`` names structures the image does not show (generator 5's domain images): they are
+    placed after the others, each on its own, clear of nothing, so that they cost one placement
+    and constrain no shown structure.
 
     ``fixed`` sets some class factors (keys of :data:`CLASS_FACTORS`' values) instead of drawing
     them: the generator cycles the classes of a classification task so that every split of
@@ -715,6 +729,8 @@ def sample_scene(
         occupied: list[np.ndarray] = []
         placed: dict[str, Blob | Patch | Lines] = {}
         for name in order:
+            if name in free:
+                continue
             found = (
                 place_last(occupied)
                 if name == last and checked
@@ -725,7 +741,14 @@ def sample_scene(
             placed[name], boxes = found
             occupied.extend(boxes)
         else:
-            return Scene(scanner, placed["blob"], placed["texture"], placed["lines"], seed)  # type: ignore[arg-type]
+            for name in (o for o in order if o in free):
+                for _ in range(200):
+                    hidden = placers[name]([], 1, fixed)
+                    if hidden is not None:
+                        placed[name] = hidden[0]
+                        break
+            if len(placed) == len(order):
+                return Scene(scanner, placed["blob"], placed["texture"], placed["lines"], seed)  # type: ignore[arg-type]
     raise RuntimeError(
         f"could not place the structures of scene {seed} in a {width}x{height} {scanner.probe} view"
     )
@@ -868,26 +891,33 @@ def label_leak(spec: TaskSpec, scenes: int, version: int = GENERATOR_VERSION) ->
 CORE = 0.4  # the texture patch's core, as a share of its half-sizes (outer stripes dominate)
 
 
-def rasterise(scene: Scene) -> SceneMasks:
+def rasterise(scene: Scene, shown: Sequence[str] = STRUCTURES) -> SceneMasks:
+    """The masks of a scene's structures; those not in ``shown`` (generator 5's domain images)
+    are empty: the image does not hold them."""
     xx, yy = _grid(scene.scanner.size)
-    b = scene.blob
-    outer = _ellipse(xx, yy, b.cx, b.cy, b.a, b.b, b.theta)
-    core = _ellipse(xx, yy, b.cx, b.cy, b.a - b.rim, b.b - b.rim, b.theta)
-    enhancement = _below(outer, 0.1 * min(scene.scanner.size))
-    p = scene.patch
-    dx, dy = xx - p.cx, yy - p.cy
-    u = dx * math.cos(p.phi) + dy * math.sin(p.phi)
-    v = -dx * math.sin(p.phi) + dy * math.cos(p.phi)
-    patch = (np.abs(u) <= p.half_length) & (np.abs(v) <= p.half_width)
-    p_core = (np.abs(u) <= CORE * p.half_length) & (np.abs(v) <= CORE * p.half_width)
-    border = patch & ~((np.abs(u) <= p.half_length - 1.0) & (np.abs(v) <= p.half_width - 1.0))
-    ln = scene.lines
-    main = _segment_mask(xx, yy, ln.tail, ln.head, ln.thickness / 2)
-    main |= np.hypot(xx - ln.head[0], yy - ln.head[1]) <= ln.knob
-    others = np.zeros_like(main)
-    for start, end in ln.others:
-        others |= _segment_mask(xx, yy, start, end, ln.thickness / 2)
-    shadow = _under(main | others, ln.shadow_depth)
+    none = np.zeros(scene.scanner.size, dtype=bool)
+    outer = core = enhancement = patch = p_core = border = main = others = shadow = none
+    if "blob" in shown:
+        b = scene.blob
+        outer = _ellipse(xx, yy, b.cx, b.cy, b.a, b.b, b.theta)
+        core = _ellipse(xx, yy, b.cx, b.cy, b.a - b.rim, b.b - b.rim, b.theta)
+        enhancement = _below(outer, 0.1 * min(scene.scanner.size))
+    if "texture" in shown:
+        p = scene.patch
+        dx, dy = xx - p.cx, yy - p.cy
+        u = dx * math.cos(p.phi) + dy * math.sin(p.phi)
+        v = -dx * math.sin(p.phi) + dy * math.cos(p.phi)
+        patch = (np.abs(u) <= p.half_length) & (np.abs(v) <= p.half_width)
+        p_core = (np.abs(u) <= CORE * p.half_length) & (np.abs(v) <= CORE * p.half_width)
+        border = patch & ~((np.abs(u) <= p.half_length - 1.0) & (np.abs(v) <= p.half_width - 1.0))
+    if "lines" in shown:
+        ln = scene.lines
+        main = _segment_mask(xx, yy, ln.tail, ln.head, ln.thickness / 2)
+        main |= np.hypot(xx - ln.head[0], yy - ln.head[1]) <= ln.knob
+        others = np.zeros_like(main)
+        for start, end in ln.others:
+            others |= _segment_mask(xx, yy, start, end, ln.thickness / 2)
+        shadow = _under(main | others, ln.shadow_depth)
     region = visible_region(scene.scanner)
     return SceneMasks(
         blob_rim=outer & ~core & region,
@@ -902,16 +932,20 @@ def rasterise(scene: Scene) -> SceneMasks:
     )
 
 
-def render(scene: Scene, masks: SceneMasks, rng: np.random.Generator) -> np.ndarray:
+def render(
+    scene: Scene, masks: SceneMasks, rng: np.random.Generator, shown: Sequence[str] = STRUCTURES
+) -> np.ndarray:
     """(H, W) uint8 ultrasound-like image of a scene: tissue, structures, speckle, sector."""
-    return render_with_echo(scene, masks, rng)[0]
+    return render_with_echo(scene, masks, rng, shown)[0]
 
 
 def render_with_echo(
-    scene: Scene, masks: SceneMasks, rng: np.random.Generator
+    scene: Scene, masks: SceneMasks, rng: np.random.Generator, shown: Sequence[str] = STRUCTURES
 ) -> tuple[np.ndarray, np.ndarray]:
     """The image and the noise-free echogenicity map it was made from ((H, W) float in [0, 1],
-    before speckle, attenuation and gain): the target of the denoising pretext task."""
+    before speckle, attenuation and gain): the target of the denoising pretext task. Only the
+    structures in ``shown`` are drawn (all of them but in generator 5's ``domain`` images); the
+    random draws are the same whichever are shown."""
     sc = scene.scanner
     height, width = sc.size
     xx, yy = _grid(sc.size)
@@ -924,16 +958,19 @@ def render_with_echo(
     p = scene.patch
     phase = rng.uniform(0, 2 * math.pi)
     stripes_out = np.sin(2 * math.pi * (xx * math.cos(p.psi) + yy * math.sin(p.psi)) / p.period + phase)
-    tissue = np.where(masks.patch_outer, 0.5 + 0.36 * stripes_out, tissue)
-    tissue = np.where(masks.patch_core, 0.16, tissue)
-    tissue = np.where(masks.patch_border, 0.85, tissue)
+    if "texture" in shown:
+        tissue = np.where(masks.patch_outer, 0.5 + 0.36 * stripes_out, tissue)
+        tissue = np.where(masks.patch_core, 0.16, tissue)
+        tissue = np.where(masks.patch_border, 0.85, tissue)
     # blob: bright posterior enhancement, bright rim, dark core
-    tissue = np.where(masks.blob_enhancement, np.minimum(tissue * 1.6, 0.95), tissue)
-    tissue = np.where(masks.blob_rim, 0.95, tissue)
-    tissue = np.where(masks.blob_core, 0.07, tissue)
+    if "blob" in shown:
+        tissue = np.where(masks.blob_enhancement, np.minimum(tissue * 1.6, 0.95), tissue)
+        tissue = np.where(masks.blob_rim, 0.95, tissue)
+        tissue = np.where(masks.blob_core, 0.07, tissue)
     # lines: bright reflectors casting shadows
-    tissue = np.where(masks.shadow, tissue * 0.22, tissue)
-    tissue = np.where(masks.main_line | masks.other_lines, 1.0, tissue)
+    if "lines" in shown:
+        tissue = np.where(masks.shadow, tissue * 0.22, tissue)
+        tissue = np.where(masks.main_line | masks.other_lines, 1.0, tissue)
     region = visible_region(sc)
     echo = np.where(region, np.clip(tissue, 0, 1), 0.0)
     # speckle: Rayleigh amplitude of correlated complex Gaussian noise
@@ -1075,13 +1112,17 @@ class _ImageJob:
     fixed: dict[str, int] | None = None  # class factors set to cycle the task's classes
     last: str | None = None  # the structure placed last (generator 4: the label's)
     tries: int = 1
+    shown: tuple[str, ...] = STRUCTURES  # the structures drawn (generator 5: DOMAIN)
 
 
 def _scene_for(job: _ImageJob) -> tuple[Scene, SceneMasks, np.random.Generator]:
     scanner = SCANNERS[job.clinical_group]
     rng = np.random.default_rng(job.seed)
-    scene = sample_scene(rng, scanner, visible_region(scanner), job.seed, job.fixed, job.last, job.tries)
-    return scene, rasterise(scene), rng
+    free = tuple(s for s in STRUCTURES if s not in job.shown)
+    scene = sample_scene(
+        rng, scanner, visible_region(scanner), job.seed, job.fixed, job.last, job.tries, free
+    )
+    return scene, rasterise(scene, job.shown), rng
 
 
 def _map_chunks(
@@ -1126,7 +1167,7 @@ def _write_chunk(args: tuple[Path, TaskRegistry, dict[str, list[str]], list[_Ima
         rel_image = folder / "images" / f"{job.owner}_{job.number:05d}.{fmt}"
         path = out / job.split / rel_image
         path.parent.mkdir(parents=True, exist_ok=True)
-        gray = render(scene, masks, rng)
+        gray = render(scene, masks, rng, job.shown)
         rgb = Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
         if fmt in ("jpg", "jpeg"):
             rgb.save(path, quality=95)
@@ -1186,6 +1227,15 @@ class ImagePlan:
     jobs: tuple[_ImageJob, ...]
     users: dict[str, list[str]]  # "split/owner/number" -> the tasks labelled on that image
     counts: dict[str, dict[str, int]]  # split -> task -> rows
+
+
+def _shown(tasks: Sequence[str]) -> tuple[str, ...]:
+    """The structures an image of generator 5 shows: those its tasks read, and the structure of
+    their decoys (in every split: a decoy differs between splits in how it is drawn, not in
+    whether it is there)."""
+    needed = {TASK_FACTORS[t].structure for t in tasks}
+    needed |= {structure_of(DECOYS[t].factor) for t in tasks if t in DECOYS}
+    return tuple(s for s in STRUCTURES if s in needed)
 
 
 def plan_images(registry: TaskRegistry, scale: str, seed: int, version: int) -> ImagePlan:
@@ -1262,6 +1312,11 @@ def plan_images(registry: TaskRegistry, scale: str, seed: int, version: int) -> 
         for task_id, (source, _) in shared.items():
             for i in ranges[task_id]:  # the source task's images serve this task too
                 users[f"{split}/{source}/{i}"].append(task_id)
+    if version >= 5:
+        jobs = [
+            dataclasses.replace(job, shown=_shown(users[f"{job.split}/{job.owner}/{job.number}"]))
+            for job in jobs
+        ]
     return ImagePlan(tuple(jobs), users, split_counts)
 
 

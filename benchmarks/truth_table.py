@@ -1,0 +1,119 @@
+"""The exhaustive truth table: every non-empty set of a fixed subset of tasks, trained.
+
+    python benchmarks/truth_table.py --data ROOT --out WORK [--tasks T ...] [--seeds 2]
+        [--workers 2] [--storage URL] [--set k=v ...] [--write benchmarks/truth_table]
+
+For ``--tasks`` (default :data:`TASKS`: 8 tasks, two or more planted groups, all four task
+types) every one of the 2^n - 1 task sets is a network training of the job queue
+(:mod:`taskgroup.training.jobs`: an Optuna study on ``--storage``, default a SQLite file in
+``WORK``; ``taskgroup worker --storage URL --study truth_table`` joins from any machine that sees
+``WORK``). Killed, it resumes: a finished network is never trained again, a running one resumes
+from its checkpoint, so the table can be built over several runs.
+
+When every job is done, each member's gain over its single-task network (same seed) is taken
+on validation (the step chosen on validation) and on test (at that step), averaged over the
+seeds, and written as two tables in the ``taskgroup search --groups-table`` format
+(``WRITE/val.csv`` and ``WRITE/test.csv``: ``tasks`` joined by ``+``, one gain column per task,
+``cost`` 1 per network, plus ``steps``, ``seeds`` and ``train_seconds``) with ``meta.json``
+(config, data, truth, seeds). See ``benchmarks/truth_table/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from taskgroup.affinity.trained import every_set_jobs, groups_table
+from taskgroup.config import load_run_config, to_mapping
+from taskgroup.data.synthetic import read_truth
+from taskgroup.tasks import load_registry
+from taskgroup.training.jobs import (
+    NetworkJob,
+    create_queue,
+    job_results,
+    job_seconds,
+    sqlite_url,
+    storage_for,
+    work_off,
+)
+from taskgroup.training.pretrain import resolve_pretrained
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+#: two members of each planted group at least, every task type, the decoy tasks of the breast
+#: clinical group and a data-poor member (FUGC)
+TASKS = (
+    "breast_2cls",  # cls, texture, decoy on the lines
+    "breast_3cls",  # cls, lines, decoy on the blob
+    "thyroid_nodule",  # seg, texture
+    "fetal_head",  # seg, lines
+    "breast_lesion",  # seg, blob
+    "thyroid_nodule_det",  # det, blob
+    "FUGC",  # reg, texture, data-poor
+    "IUGC",  # reg, lines
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="work folder (networks, job queue)")
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--storage", default=None, help="job queue URL (default: WORK/queue.db)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--write", type=Path, default=None, help="folder for val.csv, test.csv, meta.json")
+    args = parser.parse_args()
+    registry = load_registry()
+    tasks = tuple(args.tasks)
+    seeds = range(args.seeds)
+    jobs = every_set_jobs(tasks, seeds)
+    sets = [j.tasks for j in jobs if j.seed == 0]
+    overrides = [f"data.root={args.data.resolve()}", f"train.threads={args.threads}", *args.overrides]
+    cfg = resolve_pretrained(load_run_config(CONFIG, overrides))
+    args.out.mkdir(parents=True, exist_ok=True)
+    url = args.storage or sqlite_url(args.out / "queue.db")
+    study = create_queue(storage_for(url, 30, 120), "truth_table", cfg, jobs, args.out)
+    print(f"{len(jobs)} networks ({len(sets)} task sets x {len(seeds)} seeds) queued in {url}")
+    work_off(study, url, args.workers, 30, 120, args.threads, registry)
+    results = job_results(study, "best")
+    missing = [j.key for j in jobs if j.key not in results]
+    if missing:
+        raise SystemExit(f"{len(missing)} networks not trained yet (e.g. {missing[0]}): run again")
+    tables = {
+        split: groups_table(results, sets, seeds, registry, key)
+        for split, key in (("val", "value"), ("test", "test_value"))
+    }
+    seconds = {j.key: job_seconds(study, {j.key}) for j in jobs}
+    for frame in tables.values():
+        frame["steps"] = [cfg.train.steps_per_task * len(t.split("+")) for t in frame["tasks"]]
+        frame["seeds"] = len(seeds)
+        frame["train_seconds"] = [
+            round(sum(seconds[NetworkJob(tuple(t.split("+")), s).key] for s in seeds), 1)
+            for t in frame["tasks"]
+        ]
+    write = args.write or args.out
+    write.mkdir(parents=True, exist_ok=True)
+    for split, frame in tables.items():
+        frame.to_csv(write / f"{split}.csv", index=False, float_format="%.5f")
+    truth = read_truth(args.data) if (args.data / "truth.yaml").exists() else None
+    meta = {
+        "tasks": list(tasks),
+        "seeds": len(seeds),
+        "sets": len(sets),
+        "data": str(args.data),
+        "generator_version": truth.get("generator_version") if truth else None,
+        "planted_groups": truth.get("planted_groups") if truth else None,
+        "config": to_mapping(cfg),
+        "overrides": args.overrides,
+        "train_seconds": round(sum(seconds.values()), 1),
+    }
+    (write / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(f"wrote {write / 'val.csv'} and {write / 'test.csv'} ({len(sets)} task sets)")
+
+
+if __name__ == "__main__":
+    main()
