@@ -24,11 +24,14 @@ import argparse
 import json
 from pathlib import Path
 
+import optuna
+
 from taskgroup.affinity.trained import every_set_jobs, groups_table
 from taskgroup.config import load_run_config, to_mapping
 from taskgroup.data.synthetic import read_truth
 from taskgroup.tasks import load_registry
 from taskgroup.training.jobs import (
+    JOB,
     NetworkJob,
     create_queue,
     job_results,
@@ -55,6 +58,59 @@ TASKS = (
 )
 
 
+#: config keys that say where things are on one machine, not what a network is: a results file
+#: made elsewhere is reused when everything else matches
+LOCAL_KEYS = {
+    ("data", "root"),
+    ("data", "cache_dir"),
+    ("model", "backbone", "pretrained"),
+    ("train", "threads"),
+}
+
+
+def portable(config: dict) -> dict:
+    """A run config mapping without :data:`LOCAL_KEYS`."""
+
+    def strip(node: object, path: tuple[str, ...]) -> object:
+        if not isinstance(node, dict):
+            return node
+        return {k: strip(v, (*path, k)) for k, v in node.items() if (*path, k) not in LOCAL_KEYS}
+
+    return strip(config, ())  # type: ignore[return-value]
+
+
+def seed_queue(study: optuna.Study, saved: dict, cfg_mapping: dict, file: Path) -> int:
+    """Add the networks of a results file (``jobs.json``, written by an earlier build, maybe on
+    another machine) to the queue as complete trials, so that they are not trained again.
+    Returns how many were added; a file made with another config is an error."""
+    if portable(saved["config"]) != portable(cfg_mapping):
+        raise SystemExit(
+            f"{file}: made with another config than this build's; remove it or use another --write"
+        )
+    have = {t.user_attrs.get(JOB) for t in study.get_trials(deepcopy=False)}
+    added = 0
+    for key, attrs in saved["jobs"].items():
+        if key in have:
+            continue
+        trial = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=0.0, user_attrs={JOB: key, **attrs}
+        )
+        study.add_trial(trial)
+        added += 1
+    return added
+
+
+def export(study: optuna.Study, cfg_mapping: dict, file: Path) -> None:
+    """Every complete network of the queue (its ``best`` and ``final`` scores, seconds) and the
+    config, as JSON: what a later build on any machine starts from."""
+    jobs = {
+        t.user_attrs[JOB]: {k: t.user_attrs[k] for k in ("best", "final", "seconds") if k in t.user_attrs}
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if "best" in t.user_attrs
+    }
+    file.write_text(json.dumps({"config": cfg_mapping, "jobs": dict(sorted(jobs.items()))}, indent=None))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True)
@@ -66,6 +122,11 @@ def main() -> None:
     parser.add_argument("--storage", default=None, help="job queue URL (default: WORK/queue.db)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--write", type=Path, default=None, help="folder for val.csv, test.csv, meta.json")
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="train nothing: write jobs.json and the tables of the sets trained so far (meta.json says how many)",
+    )
     args = parser.parse_args()
     registry = load_registry()
     tasks = tuple(args.tasks)
@@ -76,15 +137,29 @@ def main() -> None:
     cfg = resolve_pretrained(load_run_config(CONFIG, overrides))
     args.out.mkdir(parents=True, exist_ok=True)
     url = args.storage or sqlite_url(args.out / "queue.db")
-    study = create_queue(storage_for(url, 30, 120), "truth_table", cfg, jobs, args.out)
+    storage = storage_for(url, 30, 120)
+    write = args.write or args.out
+    write.mkdir(parents=True, exist_ok=True)
+    saved_file = write / "jobs.json"
+    cfg_mapping = to_mapping(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name="truth_table", load_if_exists=True)
+    if saved_file.exists():
+        added = seed_queue(study, json.loads(saved_file.read_text()), cfg_mapping, saved_file)
+        print(f"{added} networks already trained, from {saved_file}")
+    study = create_queue(storage, "truth_table", cfg, jobs, args.out)
     print(f"{len(jobs)} networks ({len(sets)} task sets x {len(seeds)} seeds) queued in {url}")
-    work_off(study, url, args.workers, 30, 120, args.threads, registry)
+    if not args.export_only:
+        work_off(study, url, args.workers, 30, 120, args.threads, registry)
+    export(study, cfg_mapping, saved_file)
     results = job_results(study, "best")
-    missing = [j.key for j in jobs if j.key not in results]
-    if missing:
-        raise SystemExit(f"{len(missing)} networks not trained yet (e.g. {missing[0]}): run again")
+    done = [s for s in sets if all(NetworkJob(s, seed).key in results for seed in seeds)]
+    # a set's gains need its members alone too: singles first, so they are done before it
+    done = [s for s in done if all((t,) in done for t in s)]
+    if len(done) < len(sets) and not args.export_only:
+        raise SystemExit(f"{len(sets) - len(done)} task sets not trained yet: run again")
     tables = {
-        split: groups_table(results, sets, seeds, registry, key)
+        split: groups_table(results, done, seeds, registry, key)
         for split, key in (("val", "value"), ("test", "test_value"))
     }
     seconds = {j.key: job_seconds(study, {j.key}) for j in jobs}
@@ -92,11 +167,9 @@ def main() -> None:
         frame["steps"] = [cfg.train.steps_per_task * len(t.split("+")) for t in frame["tasks"]]
         frame["seeds"] = len(seeds)
         frame["train_seconds"] = [
-            round(sum(seconds[NetworkJob(tuple(t.split("+")), s).key] for s in seeds), 1)
+            round(sum(seconds[NetworkJob(tuple(t.split("+")), seed).key] for seed in seeds), 1)
             for t in frame["tasks"]
         ]
-    write = args.write or args.out
-    write.mkdir(parents=True, exist_ok=True)
     for split, frame in tables.items():
         frame.to_csv(write / f"{split}.csv", index=False, float_format="%.5f")
     truth = read_truth(args.data) if (args.data / "truth.yaml").exists() else None
@@ -104,6 +177,7 @@ def main() -> None:
         "tasks": list(tasks),
         "seeds": len(seeds),
         "sets": len(sets),
+        "sets_trained": len(done),
         "data": str(args.data),
         "generator_version": truth.get("generator_version") if truth else None,
         "planted_groups": truth.get("planted_groups") if truth else None,
