@@ -21,6 +21,7 @@ seeds, and written as two tables in the ``taskgroup search --groups-table`` form
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -79,10 +80,25 @@ def portable(config: dict) -> dict:
     return strip(config, ())  # type: ignore[return-value]
 
 
-def seed_queue(study: optuna.Study, saved: dict, cfg_mapping: dict, file: Path) -> int:
+def data_digest(root: Path) -> str:
+    """sha256 of every CSV of the data (labels and paths of every split): a results file is
+    reused only on the very same benchmark (the generator is deterministic, so a benchmark
+    rebuilt with the same version, scale and seed matches)."""
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("csv_files/*.csv")):
+        digest.update(file.relative_to(root).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def seed_queue(study: optuna.Study, saved: dict, cfg_mapping: dict, file: Path, digest: str) -> int:
     """Add the networks of a results file (``jobs.json``, written by an earlier build, maybe on
     another machine) to the queue as complete trials, so that they are not trained again.
     Returns how many were added; a file made with another config is an error."""
+    if saved.get("data_digest") != digest:
+        raise SystemExit(
+            f"{file}: made on other data than --data (its CSV files differ); use another --write"
+        )
     if portable(saved["config"]) != portable(cfg_mapping):
         raise SystemExit(
             f"{file}: made with another config than this build's; remove it or use another --write"
@@ -100,7 +116,7 @@ def seed_queue(study: optuna.Study, saved: dict, cfg_mapping: dict, file: Path) 
     return added
 
 
-def export(study: optuna.Study, cfg_mapping: dict, file: Path) -> None:
+def export(study: optuna.Study, cfg_mapping: dict, file: Path, digest: str) -> None:
     """Every complete network of the queue (its ``best`` and ``final`` scores, seconds) and the
     config, as JSON: what a later build on any machine starts from."""
     jobs = {
@@ -108,7 +124,8 @@ def export(study: optuna.Study, cfg_mapping: dict, file: Path) -> None:
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if "best" in t.user_attrs
     }
-    file.write_text(json.dumps({"config": cfg_mapping, "jobs": dict(sorted(jobs.items()))}, indent=None))
+    saved = {"config": cfg_mapping, "data_digest": digest, "jobs": dict(sorted(jobs.items()))}
+    file.write_text(json.dumps(saved, indent=None))
 
 
 def main() -> None:
@@ -142,16 +159,17 @@ def main() -> None:
     write.mkdir(parents=True, exist_ok=True)
     saved_file = write / "jobs.json"
     cfg_mapping = to_mapping(cfg)
+    digest = data_digest(args.data)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name="truth_table", load_if_exists=True)
     if saved_file.exists():
-        added = seed_queue(study, json.loads(saved_file.read_text()), cfg_mapping, saved_file)
+        added = seed_queue(study, json.loads(saved_file.read_text()), cfg_mapping, saved_file, digest)
         print(f"{added} networks already trained, from {saved_file}")
     study = create_queue(storage, "truth_table", cfg, jobs, args.out)
     print(f"{len(jobs)} networks ({len(sets)} task sets x {len(seeds)} seeds) queued in {url}")
     if not args.export_only:
         work_off(study, url, args.workers, 30, 120, args.threads, registry)
-    export(study, cfg_mapping, saved_file)
+    export(study, cfg_mapping, saved_file, digest)
     results = job_results(study, "best")
     done = [s for s in sets if all(NetworkJob(s, seed).key in results for seed in seeds)]
     # a set's gains need its members alone too: singles first, so they are done before it
@@ -186,7 +204,7 @@ def main() -> None:
         "train_seconds": round(sum(seconds.values()), 1),
     }
     (write / "meta.json").write_text(json.dumps(meta, indent=1))
-    print(f"wrote {write / 'val.csv'} and {write / 'test.csv'} ({len(sets)} task sets)")
+    print(f"wrote {write / 'val.csv'} and {write / 'test.csv'} ({len(done)} of {len(sets)} task sets)")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,13 @@ TABLE = Path(__file__).resolve().parent / "truth_table"
 def served_gain(
     table: pd.DataFrame, networks: list[tuple[str, ...]], served: dict[str, tuple[str, ...]]
 ) -> float:
-    """Mean over tasks of the gain of each task in the network that serves it."""
+    """Mean over tasks of the gain of each task in the network that serves it (NaN when one of
+    the networks is not in the table: a table exported before every set was trained)."""
     rows = table.set_index("tasks")
-    return float(np.mean([rows.loc["+".join(sorted(net)), task] for task, net in served.items()]))
+    keys = {task: "+".join(sorted(net)) for task, net in served.items()}
+    if any(key not in rows.index for key in keys.values()):
+        return float("nan")
+    return float(np.mean([rows.loc[key, task] for task, key in keys.items()]))
 
 
 def partition_gain(table: pd.DataFrame, groups: list[tuple[str, ...]]) -> float:
