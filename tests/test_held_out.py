@@ -237,3 +237,17 @@ def test_trained_gains_on_test_are_realised_at_the_final_step(held_out, tiny_syn
     plain_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(plain_root)))
     plain = TrainedGains(plain_cfg, registry, [FLIP], tmp_path / "plain")
     assert plain.test_scores([FLIP]) is None and plain.served_test_gains([[FLIP]]) is None
+
+
+def test_a_root_with_a_test_split_but_no_training_split_is_a_clear_error(tmp_path, capsys):
+    """A root holding only test/ (a test set shipped alone) names the folder and what is
+    missing, exit 2, no traceback (it was a KeyError 'train')."""
+    (tmp_path / "only" / "test" / "csv_files").mkdir(parents=True)
+    (tmp_path / "only" / "test" / "csv_files" / "x.csv").write_text("image_path,task_id\n")
+    code = main(
+        ["train", "--data", str(tmp_path / "only"), "--grouping", "ts", "--out", str(tmp_path / "run")]
+    )
+    captured = capsys.readouterr()
+    err = " ".join((captured.out + captured.err).split())
+    assert code == 2 and "no train/csv_files/" in err and "test/" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "networks").exists()

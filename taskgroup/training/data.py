@@ -37,6 +37,7 @@ from taskgroup.data import (
     split_index,
 )
 from taskgroup.data.synthetic import generate
+from taskgroup.errors import DataError
 from taskgroup.tasks import TaskRegistry
 
 log = logging.getLogger("taskgroup")
@@ -167,6 +168,11 @@ def prepare_data(
     """Resolve, validate and (optionally) preload the data of some tasks."""
     root = Path(cfg.root) if cfg.root is not None else synthetic_root(cfg, registry)
     roots = find_roots(root)
+    if "train" not in roots:
+        raise DataError(
+            f"{root}: no train/csv_files/ (found only {', '.join(f'{s}/' for s in roots)}): a data "
+            "root needs its training split"
+        )
     report = (report_dir / "bad_rows.csv") if report_dir is not None and cfg.skip_bad else None
     train_index = load_index(roots["train"], registry, tasks=tasks, skip_bad=cfg.skip_bad, report=report)
     _check_tasks(train_index, tasks)
@@ -206,8 +212,6 @@ def prepare_data(
 def _test_root(cfg: DataConfig, roots: dict[str, Path]) -> tuple[Path | None, str | None]:
     """The root of the held-out test split and how it was found: ``data.test_root`` when set,
     else the data root's ``test/``, else none."""
-    from taskgroup.errors import DataError
-
     if cfg.test_root is not None:
         path = Path(cfg.test_root).expanduser()
         if not (path / "csv_files").is_dir():
@@ -225,8 +229,6 @@ def train_sizes(cfg: DataConfig, registry: TaskRegistry, tasks: Sequence[str]) -
 
 
 def _check_tasks(index: FMUIAIndex, tasks: Sequence[str]) -> None:
-    from taskgroup.errors import DataError
-
     missing = [t for t in tasks if not index.records.get(t)]
     if missing:
         raise DataError(f"{index.root}: no rows for task(s) {', '.join(missing)}")
