@@ -100,6 +100,15 @@ def test_grouping_search_study_runs_end_to_end_and_the_notebooks_execute(tiny_sy
     proposals = {b["name"] for key in ("best", "best_partition") for b in meta[key].values()}
     assert {"cg", "au"} | proposals == set(groups.grouping)  # the proposals against CG and AU
     assert (groups[groups.scope == "all"].seeds == 2).all()
+    # what the study shows, recomputed: each grouping's delta_m over all tasks is the mean of its
+    # tasks' gains over TS (both seeds hold every task), its negative tasks those below 0
+    tasks = pd.read_csv(out / "compare" / "per_task.csv")
+    assert (tasks[tasks.grouping == "ts"]["gain"] == 0).all()
+    for _, row in groups[groups.scope == "all"].iterrows():
+        gains = tasks[tasks.grouping == row["grouping"]]["gain"]
+        assert row["negative_tasks"] == int((gains < 0).sum()), row["grouping"]
+        if gains.notna().all():
+            assert row["delta_m"] == pytest.approx(gains.mean()), row["grouping"]
 
     negative = execute(ROOT / "notebooks" / "negative_transfer.ipynb", out)
     images = [o for c in negative.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
