@@ -400,7 +400,7 @@ def test_generator_5_images_show_only_the_structures_their_tasks_read(registry):
     assert shown_masks.blob_core.any()
     masks = rasterise(scene)  # every structure's masks, to see what is left out of the image
     full = render(scene, masks, np.random.default_rng(1))
-    blob_only = render(scene, masks, np.random.default_rng(1), ("blob",))
+    blob_only = render(scene, shown_masks, np.random.default_rng(1))
     others = (
         masks.patch_outer
         | masks.patch_core

@@ -161,7 +161,6 @@ SECTOR_FACTORS = frozenset({"blob.octant", "blob.sextant", "texture.sextant"})
 #: batches of candidate positions for the structure placed last before a scene is drawn again
 LABEL_TRIES = 16
 
-
 #: classes of every class factor of a scene (what :func:`_draw` draws from)
 FACTOR_CLASSES = {
     "blob.size": 2,
@@ -932,20 +931,18 @@ def rasterise(scene: Scene, shown: Sequence[str] = STRUCTURES) -> SceneMasks:
     )
 
 
-def render(
-    scene: Scene, masks: SceneMasks, rng: np.random.Generator, shown: Sequence[str] = STRUCTURES
-) -> np.ndarray:
+def render(scene: Scene, masks: SceneMasks, rng: np.random.Generator) -> np.ndarray:
     """(H, W) uint8 ultrasound-like image of a scene: tissue, structures, speckle, sector."""
-    return render_with_echo(scene, masks, rng, shown)[0]
+    return render_with_echo(scene, masks, rng)[0]
 
 
 def render_with_echo(
-    scene: Scene, masks: SceneMasks, rng: np.random.Generator, shown: Sequence[str] = STRUCTURES
+    scene: Scene, masks: SceneMasks, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """The image and the noise-free echogenicity map it was made from ((H, W) float in [0, 1],
-    before speckle, attenuation and gain): the target of the denoising pretext task. Only the
-    structures in ``shown`` are drawn (all of them but in generator 5's ``domain`` images); the
-    random draws are the same whichever are shown."""
+    before speckle, attenuation and gain): the target of the denoising pretext task. A structure
+    whose masks are empty (not shown, :func:`rasterise`) is not drawn; the random draws are the
+    same whichever are drawn."""
     sc = scene.scanner
     height, width = sc.size
     xx, yy = _grid(sc.size)
@@ -958,19 +955,16 @@ def render_with_echo(
     p = scene.patch
     phase = rng.uniform(0, 2 * math.pi)
     stripes_out = np.sin(2 * math.pi * (xx * math.cos(p.psi) + yy * math.sin(p.psi)) / p.period + phase)
-    if "texture" in shown:
-        tissue = np.where(masks.patch_outer, 0.5 + 0.36 * stripes_out, tissue)
-        tissue = np.where(masks.patch_core, 0.16, tissue)
-        tissue = np.where(masks.patch_border, 0.85, tissue)
+    tissue = np.where(masks.patch_outer, 0.5 + 0.36 * stripes_out, tissue)
+    tissue = np.where(masks.patch_core, 0.16, tissue)
+    tissue = np.where(masks.patch_border, 0.85, tissue)
     # blob: bright posterior enhancement, bright rim, dark core
-    if "blob" in shown:
-        tissue = np.where(masks.blob_enhancement, np.minimum(tissue * 1.6, 0.95), tissue)
-        tissue = np.where(masks.blob_rim, 0.95, tissue)
-        tissue = np.where(masks.blob_core, 0.07, tissue)
+    tissue = np.where(masks.blob_enhancement, np.minimum(tissue * 1.6, 0.95), tissue)
+    tissue = np.where(masks.blob_rim, 0.95, tissue)
+    tissue = np.where(masks.blob_core, 0.07, tissue)
     # lines: bright reflectors casting shadows
-    if "lines" in shown:
-        tissue = np.where(masks.shadow, tissue * 0.22, tissue)
-        tissue = np.where(masks.main_line | masks.other_lines, 1.0, tissue)
+    tissue = np.where(masks.shadow, tissue * 0.22, tissue)
+    tissue = np.where(masks.main_line | masks.other_lines, 1.0, tissue)
     region = visible_region(sc)
     echo = np.where(region, np.clip(tissue, 0, 1), 0.0)
     # speckle: Rayleigh amplitude of correlated complex Gaussian noise
@@ -1167,7 +1161,7 @@ def _write_chunk(args: tuple[Path, TaskRegistry, dict[str, list[str]], list[_Ima
         rel_image = folder / "images" / f"{job.owner}_{job.number:05d}.{fmt}"
         path = out / job.split / rel_image
         path.parent.mkdir(parents=True, exist_ok=True)
-        gray = render(scene, masks, rng, job.shown)
+        gray = render(scene, masks, rng)
         rgb = Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
         if fmt in ("jpg", "jpeg"):
             rgb.save(path, quality=95)
@@ -1283,32 +1277,15 @@ def plan_images(registry: TaskRegistry, scale: str, seed: int, version: int) -> 
                 seed_i = int(
                     np.random.SeedSequence([seed, split_no, task_index[spec.id], i]).generate_state(1)[0]
                 )
+                label = i % spec.num_classes
                 fixed = (
-                    _with_decoy(
-                        {CLASS_FACTORS[spec.id]: i % spec.num_classes},
-                        spec.id,
-                        i % spec.num_classes,
-                        seed_i,
-                        split,
-                        version,
-                    )
+                    _with_decoy({CLASS_FACTORS[spec.id]: label}, spec.id, label, seed_i, split, version)
                     if spec.id in CLASS_FACTORS
                     else lent.get(i)
                 )
                 last = structure_of(next(iter(fixed))) if fixed and version >= 4 else None
                 tries = LABEL_TRIES if last else 1
-                jobs.append(
-                    _ImageJob(
-                        split,
-                        spec.id,
-                        i,
-                        spec.clinical_group,
-                        seed_i,
-                        fixed,
-                        last,
-                        tries,
-                    )
-                )
+                jobs.append(_ImageJob(split, spec.id, i, spec.clinical_group, seed_i, fixed, last, tries))
         for task_id, (source, _) in shared.items():
             for i in ranges[task_id]:  # the source task's images serve this task too
                 users[f"{split}/{source}/{i}"].append(task_id)
