@@ -36,7 +36,7 @@ from taskgroup.training.jobs import (
     NetworkJob,
     create_queue,
     job_results,
-    job_seconds,
+    seconds_per_job,
     sqlite_url,
     storage_for,
     work_off,
@@ -180,9 +180,10 @@ def main() -> None:
         split: groups_table(results, done, seeds, registry, key)
         for split, key in (("val", "value"), ("test", "test_value"))
     }
-    seconds = {j.key: job_seconds(study, {j.key}) for j in jobs}
+    spent = seconds_per_job(study)  # one read of the queue, not one per job
+    seconds = {j.key: spent.get(j.key, 0.0) for j in jobs}
     for frame in tables.values():
-        frame["steps"] = [cfg.train.steps_per_task * len(t.split("+")) for t in frame["tasks"]]
+        frame["steps"] = [cfg.train.total_steps(len(t.split("+"))) for t in frame["tasks"]]
         frame["seeds"] = len(seeds)
         frame["train_seconds"] = [
             round(sum(seconds[NetworkJob(tuple(t.split("+")), seed).key] for seed in seeds), 1)
@@ -199,7 +200,7 @@ def main() -> None:
         "data": str(args.data),
         "generator_version": truth.get("generator_version") if truth else None,
         "planted_groups": truth.get("planted_groups") if truth else None,
-        "config": to_mapping(cfg),
+        "config": cfg_mapping,
         "overrides": args.overrides,
         "train_seconds": round(sum(seconds.values()), 1),
     }

@@ -108,16 +108,20 @@ class TrainedGains:
         self.scores(group)
         return self._test[tuple(sorted(group))]
 
+    def _over_alone(
+        self, group: Sequence[str], values: dict[str, float], alone: dict[str, float]
+    ) -> dict[str, float]:
+        """Each member's relative gain of ``values`` over its value trained alone."""
+        return {
+            t: relative_gain(values[t], alone[t], self.registry[t].primary_metric.higher_is_better)
+            for t in group
+        }
+
     def gains(self, group: Sequence[str]) -> dict[str, float]:
         """Each member's relative gain in the group over the member trained alone (0 alone)."""
         if len(group) == 1:
             return {group[0]: 0.0}
-        values = self.scores(group)
-        out = {}
-        for t in group:
-            alone = self.scores((t,))[t]
-            out[t] = relative_gain(values[t], alone, self.registry[t].primary_metric.higher_is_better)
-        return out
+        return self._over_alone(group, self.scores(group), {t: self.scores((t,))[t] for t in group})
 
     def test_gains(self, group: Sequence[str]) -> dict[str, float] | None:
         """:meth:`gains` on the held-out test split (None without test scores)."""
@@ -126,13 +130,13 @@ class TrainedGains:
             return None
         if len(group) == 1:
             return {group[0]: 0.0}
-        out = {}
+        alone = {}
         for t in group:
-            alone = self.test_scores((t,))
-            if alone is None:
+            scores = self.test_scores((t,))
+            if scores is None:
                 return None
-            out[t] = relative_gain(values[t], alone[t], self.registry[t].primary_metric.higher_is_better)
-        return out
+            alone[t] = scores[t]
+        return self._over_alone(group, values, alone)
 
     def served_test_gains(self, groups: Sequence[Sequence[str]]) -> dict[str, float] | None:
         """Each task's realised test gain in the network that serves it: among the groups that

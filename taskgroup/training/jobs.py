@@ -201,13 +201,19 @@ def work_off(
     return finished
 
 
+def seconds_per_job(study: optuna.Study) -> dict[str, float]:
+    """Training seconds spent on each job of the study (all its attempts that finished)."""
+    out: dict[str, float] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get(JOB)
+        if key is not None:
+            out[key] = out.get(key, 0.0) + float(t.user_attrs.get("seconds", 0.0))
+    return out
+
+
 def job_seconds(study: optuna.Study, keys: set[str] | None = None) -> float:
     """Training seconds spent on the study's jobs (all attempts that finished), or on ``keys``."""
-    return sum(
-        float(t.user_attrs.get("seconds", 0.0))
-        for t in study.get_trials(deepcopy=False)
-        if keys is None or t.user_attrs.get(JOB) in keys
-    )
+    return sum(v for k, v in seconds_per_job(study).items() if keys is None or k in keys)
 
 
 def _job_of(trial: optuna.trial.FrozenTrial) -> NetworkJob | None:
