@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from report import report
+from report import fail, report
 
 from taskgroup.affinity.report import agreement, read_matrix
 
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     methods = sorted(p.parent.name for p in args.run.glob("*/matrix.csv"))
     if args.reference not in methods:
-        raise SystemExit(f"{args.run}: no {args.reference}/matrix.csv (methods found: {', '.join(methods)})")
+        fail(f"{args.run}: no {args.reference}/matrix.csv (methods found: {', '.join(methods)})")
     matrices = {m: read_matrix(args.run / m / "matrix.csv").to_numpy() for m in methods}
     rho = agreement(matrices, args.reference).set_index("method")
     rows = []

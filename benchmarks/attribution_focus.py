@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from report import report
+from report import fail, report
 
 from taskgroup.affinity.probes import ATTRIBUTION_MAPS, head_map
 from taskgroup.config import load_run_config
@@ -56,10 +56,10 @@ def focus(
     shown = tasks or all_tasks
     unknown = [t for t in shown if t not in TASK_FACTORS]
     if unknown:
-        raise SystemExit(f"{', '.join(unknown)}: not a task of the synthetic benchmark")
+        fail(f"{', '.join(unknown)}: not a task of the synthetic benchmark")
     checkpoints = sorted(glob.glob(str(run / "probe_run*" / "checkpoints" / "last.pt")))
     if not checkpoints:
-        raise SystemExit(f"{run}: no probe_run*/checkpoints/last.pt (not a probe-training affinity run)")
+        fail(f"{run}: no probe_run*/checkpoints/last.pt (not a probe-training affinity run)")
     specs = [registry[t] for t in all_tasks]
     data = prepare_data(cfg.data, registry, all_tasks)
     device = pick_device()

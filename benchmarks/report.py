@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from rich.console import Console
@@ -16,6 +18,12 @@ from rich.table import Table
 from taskgroup.models import build_model
 from taskgroup.runtime import pick_device
 from taskgroup.training import Engine
+
+
+def fail(message: str) -> NoReturn:
+    """A benchmark's bad input: the message on stderr and exit code 2, no traceback."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def report(title: str, rows: Sequence[Mapping[str, object]], json_path: Path | None = None) -> None:

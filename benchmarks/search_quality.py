@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import report
+from report import fail, report
 from rich.console import Console
 from scipy.stats import spearmanr
 
@@ -49,7 +49,7 @@ def recovery(runs, cfg, registry) -> list[dict]:
             seconds = time.perf_counter() - start
         ranking = result.ranking
         if "ari" not in ranking:
-            raise SystemExit(f"{run}: not measured on the synthetic benchmark (no planted groups)")
+            fail(f"{run}: not measured on the synthetic benchmark (no planted groups)")
         for estimator, part in ranking.groupby("estimator", sort=True):
             meta = json.loads((Path(run) / str(estimator) / "meta.json").read_text())
             best = result.best[str(estimator)]

@@ -23,7 +23,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from report import report
+from report import fail, report
 
 from taskgroup.config import load_run_config
 from taskgroup.data.synthetic import planted_groups, read_truth, structure_of
@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     truth = read_truth(args.data)
     if truth.get("generator_version", 0) < 5:
-        raise SystemExit(f"{args.data}: generator {truth.get('generator_version')} plants no mechanism")
+        fail(f"{args.data}: generator {truth.get('generator_version')} plants no mechanism")
     registry = load_registry()
     decoys = {m["tasks"][0]: m["factor"] for m in truth["mechanisms"] if m["mechanism"] == "decoy"}
     groups: dict[str, tuple[str, ...]] = {}

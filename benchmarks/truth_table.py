@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 import optuna
+from report import fail
 
 from taskgroup.affinity.trained import every_set_jobs, groups_table
 from taskgroup.config import load_run_config, to_mapping
@@ -96,13 +97,9 @@ def seed_queue(study: optuna.Study, saved: dict, cfg_mapping: dict, file: Path, 
     another machine) to the queue as complete trials, so that they are not trained again.
     Returns how many were added; a file made with another config is an error."""
     if saved.get("data_digest") != digest:
-        raise SystemExit(
-            f"{file}: made on other data than --data (its CSV files differ); use another --write"
-        )
+        fail(f"{file}: made on other data than --data (its CSV files differ); use another --write")
     if portable(saved["config"]) != portable(cfg_mapping):
-        raise SystemExit(
-            f"{file}: made with another config than this build's; remove it or use another --write"
-        )
+        fail(f"{file}: made with another config than this build's; remove it or use another --write")
     have = {t.user_attrs.get(JOB) for t in study.get_trials(deepcopy=False)}
     added = 0
     for key, attrs in saved["jobs"].items():
@@ -175,7 +172,7 @@ def main() -> None:
     # a set's gains need its members alone too: singles first, so they are done before it
     done = [s for s in done if all((t,) in done for t in s)]
     if len(done) < len(sets) and not args.export_only:
-        raise SystemExit(f"{len(sets) - len(done)} task sets not trained yet: run again")
+        fail(f"{len(sets) - len(done)} task sets not trained yet: run again")
     tables = {
         split: groups_table(results, done, seeds, registry, key)
         for split, key in (("val", "value"), ("test", "test_value"))
