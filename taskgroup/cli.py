@@ -9,6 +9,8 @@ taskgroup search    RUN ... [--method M ...]           grouping proposals from a
 taskgroup compare   --groupings G ... [--seeds N]      train groupings, compare against TS
 taskgroup study run studies/NAME.yaml [--setting S]   a whole experiment (stages chained)
 taskgroup worker    --storage URL --study NAME         take queued network trainings
+
+Every command that reads data takes ``--skip-bad`` and ``--bad-report FILE``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from taskgroup.config import AFFINITY_METHODS
+from taskgroup.config import AFFINITY_METHODS, hide_password
 from taskgroup.data.fmuia import find_roots, load_index
 from taskgroup.data.submission import read_predictions
 from taskgroup.data.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, SCALES, generate
@@ -42,16 +44,18 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--registry", type=Path, default=None, help="task registry YAML (default: configs/fmuia2026.yaml)"
     )
+    _add_bad_row_options(parser, "bad_rows.csv in the current folder when --skip-bad")
+
+
+def _add_bad_row_options(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--skip-bad`` and ``--bad-report``, which every command that reads data takes."""
     parser.add_argument(
         "--skip-bad",
         action="store_true",
         help="leave out bad rows (each is logged to --bad-report) instead of failing",
     )
     parser.add_argument(
-        "--bad-report",
-        type=Path,
-        default=None,
-        help="CSV file listing bad rows (default: bad_rows.csv in the current folder when --skip-bad)",
+        "--bad-report", type=Path, default=None, help=f"CSV file listing bad rows (default: {default})"
     )
 
 
@@ -83,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
     p.add_argument("--registry", type=Path, default=None)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace train/, val/, test/ of an output folder taskgroup synth did not write",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("evaluate", help="score a prediction folder with the official metrics")
@@ -119,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="run folder (an interrupted run resumes from it)")
     p.add_argument(
-        "--skip-bad",
+        "--resume-with-changes",
         action="store_true",
-        help="leave out bad rows (listed in RUN/bad_rows.csv) instead of failing",
+        help="continue a run whose config differs only in learning rates (train.lr_encoder, train.lr_heads), "
+        "e.g. after a divergence; the change is recorded in RUN/config_history.yaml",
     )
+    _add_bad_row_options(p, "RUN/bad_rows.csv when --skip-bad")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -154,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a postgresql:// URL for many machines)",
     )
     p.add_argument("--workers", type=int, default=1, help="local worker processes for pairwise/subsets")
+    _add_bad_row_options(p, "OUT/bad_rows.csv when --skip-bad")
     p.set_defaults(func=cmd_affinity)
 
     p = sub.add_parser(
@@ -196,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=Path("runs/search"), help="output folder (default: runs/search)"
     )
+    _add_bad_row_options(p, "none; --trained reads data")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
@@ -237,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)"
     )
+    _add_bad_row_options(p, "none")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("study", help="run a whole experiment from a study file (studies/NAME.yaml)")
@@ -249,11 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=None, help="output folder (default: runs/studies/NAME-SETTING)"
     )
+    _add_bad_row_options(p, "each stage's own, e.g. OUT/affinity/bad_rows.csv, when --skip-bad")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("worker", help="take queued network trainings of a study until none is left")
     p.add_argument(
-        "--storage", required=True, help="the study's storage URL (sqlite:///... or postgresql://...)"
+        "--storage",
+        default=None,
+        help="the study's storage URL (sqlite:///... or postgresql://...; default: the environment "
+        "variable TASKGROUP_STORAGE, which keeps a password off the command line)",
     )
     p.add_argument(
         "--study", required=True, help="study name (affinity runs use 'affinity'; compare prints its own)"
@@ -269,6 +287,14 @@ def _bad_report(args: argparse.Namespace) -> Path | None:
     if args.bad_report is not None:
         return args.bad_report
     return Path("bad_rows.csv") if args.skip_bad else None
+
+
+def _bad_row_overrides(args: argparse.Namespace) -> list[str]:
+    """``--skip-bad`` and ``--bad-report`` as overrides of the run config's ``data`` section."""
+    extra = ["data.skip_bad=true"] if args.skip_bad else []
+    if args.bad_report is not None:
+        extra.append(_set("data.bad_report", str(args.bad_report.resolve())))
+    return extra
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -324,6 +350,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             args.workers,
             progress=lambda done, total: progress.update(bar, completed=done, total=total),
             version=args.version,
+            overwrite=args.overwrite,
         )
     total = {split: sum(c.values()) for split, c in summary.counts.items()}
     console.print(
@@ -387,11 +414,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace, *extra: str):
-    """The run config of a training command: --config, then --set, then --data and ``extra``."""
+    """The run config of a training command: --config, then --set, then --data, --skip-bad and
+    --bad-report, then ``extra``."""
     from taskgroup.config import load_run_config
 
-    data = [f"data.root={args.data}"] if args.data is not None else []
-    return load_run_config(args.config, [*args.overrides, *data, *extra])
+    data = [_set("data.root", str(args.data))] if args.data is not None else []
+    return load_run_config(args.config, [*args.overrides, *data, *_bad_row_overrides(args), *extra])
 
 
 def _check_tasks(tasks: Sequence[str] | None, registry) -> None:
@@ -409,10 +437,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from taskgroup.groupings import load_grouping
     from taskgroup.training import train_grouping
 
-    cfg = _run_config(args, *(["data.skip_bad=true"] if args.skip_bad else []))
+    cfg = _run_config(args)
     registry = load_registry(cfg.registry)
     grouping = load_grouping(args.grouping, registry)
-    result = train_grouping(cfg, grouping, args.out, registry, console=console)
+    result = train_grouping(
+        cfg, grouping, args.out, registry, console=console, resume_with_changes=args.resume_with_changes
+    )
     tested = bool(result.served["test_value"].notna().any())
     print_table(
         f"{grouping.name}: {len(result.networks)} network(s), each task served by its best on val"
@@ -440,7 +470,7 @@ def cmd_affinity(args: argparse.Namespace) -> int:
     from taskgroup.affinity import run_affinity
 
     extra = [f"affinity.methods=[{', '.join(args.method)}]"] if args.method else []
-    extra += [f"affinity.storage={args.storage}"] if args.storage else []
+    extra += [_set("affinity.storage", args.storage)] if args.storage else []
     cfg = _run_config(args, *extra)
     registry = load_registry(cfg.registry)
     _check_tasks(args.tasks, registry)
@@ -458,9 +488,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     extra += [f"search.estimators=[{', '.join(args.estimator)}]"] if args.estimator else []
     extra += [f"search.budgets=[{', '.join(map(str, args.budget))}]"] if args.budget else []
     extra += [f"search.max_groups={args.max_groups}"] if args.max_groups else []
-    extra += [f"search.storage={args.storage}"] if args.storage else []
+    extra += [_set("search.storage", args.storage)] if args.storage else []
     extra += [f"search.trained_trials={args.trained}"] if args.trained else []
-    cfg = load_run_config(args.config, [*args.overrides, *extra])
+    cfg = load_run_config(args.config, [*args.overrides, *_bad_row_overrides(args), *extra])
     registry = load_registry(cfg.registry)
     result = run_search(
         cfg.search, registry, args.out, args.affinity, args.groups_table, console=console, run_cfg=cfg
@@ -489,22 +519,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from taskgroup.study import run_study
 
-    run_study(args.study, args.setting, args.out, args.data, tuple(args.overrides), console=console)
+    overrides = (*args.overrides, *_bad_row_overrides(args))
+    run_study(args.study, args.setting, args.out, args.data, overrides, console=console)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
     import optuna
 
     from taskgroup.runtime import configure_cpu
-    from taskgroup.training.jobs import Worker, storage_for
+    from taskgroup.training.jobs import STORAGE_ENV, Worker, storage_for
 
+    url = args.storage or os.environ.get(STORAGE_ENV)
+    if not url:
+        raise TaskgroupError(
+            f"worker: give the study's storage: --storage URL, or the variable {STORAGE_ENV}"
+        )
     configure_cpu(args.threads)
-    storage = storage_for(args.storage, args.heartbeat, args.grace)
+    storage = storage_for(url, args.heartbeat, args.grace, create=False)
     try:
         study = optuna.load_study(study_name=args.study, storage=storage)
     except KeyError:
-        raise TaskgroupError(f"no study {args.study!r} in {args.storage}") from None
+        names = sorted(s.study_name for s in storage.get_all_studies())
+        raise TaskgroupError(
+            f"no study {args.study!r} in {hide_password(url)} (it holds: {', '.join(names) or 'none'})"
+        ) from None
     finished = Worker(study).run()
     console.print(f"worker done: {finished} job(s) trained here")
     return 0
@@ -516,7 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except TaskgroupError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        message = escape(hide_password(str(exc)))  # a storage URL's password is never shown
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         return 2
 
 

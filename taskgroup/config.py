@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -156,10 +158,23 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+#: metadata of a field left out of :func:`to_mapping` while it holds its default: a key added
+#: later that does not change what is computed keeps the plain form (``config.yaml``, config
+#: hashes, cached network folders) of every config that leaves it unset as it was
+OMIT_DEFAULT = {"omit_default": True}
+
+
 def to_mapping(config: Any) -> Any:
-    """The plain (YAML-writable) form of a config, for saving the resolved config of a run."""
+    """The plain (YAML-writable) form of a config, for saving the resolved config of a run.
+
+    Passwords of URLs (a PostgreSQL storage) are masked (:func:`hide_password`): the plain form
+    is what is written to files and job queues, never a secret."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {f.name: to_mapping(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        return {
+            f.name: to_mapping(getattr(config, f.name))
+            for f in dataclasses.fields(config)
+            if not (f.metadata.get("omit_default") and getattr(config, f.name) == f.default)
+        }
     if isinstance(config, enum.Enum):
         return config.value
     if isinstance(config, tuple | list):
@@ -168,7 +183,90 @@ def to_mapping(config: Any) -> Any:
         return {k: to_mapping(v) for k, v in config.items()}
     if isinstance(config, Path):
         return str(config)
+    if isinstance(config, str):
+        return hide_password(config)
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage URLs (the Optuna RDB storages of the job queues and searches)
+
+#: a URL with a password in its user part (``scheme://user:password@host...``), also inside text
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:\"']*:[^\s@\"']*@[^\s\"']*")
+
+
+def hide_password(text: str) -> str:
+    """``text`` with the password of every URL in it masked (``postgresql://user:***@host/db``,
+    SQLAlchemy's rendering), for what is shown or stored; anything else unchanged."""
+    if "://" not in text or "@" not in text:
+        return text
+
+    def masked(match: re.Match[str]) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        url = match.group(0).rstrip(".,;:)]}")  # the punctuation of a sentence is not the URL's
+        tail = match.group(0)[len(url) :]
+        try:
+            return make_url(url).render_as_string(hide_password=True) + tail
+        except (ArgumentError, ValueError):  # not a URL SQLAlchemy reads: mask it all the same
+            scheme, _, rest = url.partition("://")
+            user, _, host = rest.partition("@")
+            return f"{scheme}://{user.partition(':')[0]}:***@{host}{tail}"
+
+    return _URL_WITH_PASSWORD.sub(masked, text)
+
+
+#: PostgreSQL drivers SQLAlchemy has a dialect for, the declared one (``[postgres]``) first
+POSTGRES_DRIVERS = ("psycopg2", "psycopg")
+
+
+def storage_url(url: str) -> str:
+    """A storage URL checked and made explicit: SQLAlchemy must read it and know its database;
+    ``postgresql://`` without a driver names the installed one (``postgresql+psycopg2://``, the
+    project's dependency, else psycopg 3), as SQLAlchemy 2.1's default driver (psycopg 3) may
+    not be installed. Raises ValueError saying what is wrong (the password masked)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    shown = hide_password(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # not scheme://..., or a port that is not a number
+        raise ValueError(
+            f"storage {shown!r} is not a database URL (expected sqlite:///PATH or postgresql://USER@HOST/DB)"
+        ) from None
+    if parsed.drivername == "postgresql":
+        driver = next((d for d in POSTGRES_DRIVERS if importlib.util.find_spec(d) is not None), None)
+        if driver is None:
+            raise ValueError(
+                f"storage {shown!r}: no PostgreSQL driver is installed (pip install psycopg2-binary, "
+                "the project's [postgres] extra)"
+            )
+        parsed = parsed.set(drivername=f"postgresql+{driver}")
+        url = parsed.render_as_string(hide_password=False)
+    try:
+        parsed.get_dialect()
+    except ArgumentError:  # NoSuchModuleError: an unknown database or driver
+        raise ValueError(
+            f"storage {shown!r}: unknown database {parsed.drivername!r} (expected sqlite:///PATH or "
+            "postgresql://USER@HOST/DB)"
+        ) from None
+    return url
+
+
+def _check_storage(config: Any) -> None:
+    """A config's ``storage`` (when set) checked and made explicit (:func:`storage_url`)."""
+    if config.storage is not None:
+        object.__setattr__(config, "storage", storage_url(config.storage))  # frozen: set once here
+
+
+def _at_least(config: Any, minimum: float, *names: str) -> None:
+    """Each named field (None: unset, skipped) must be >= ``minimum``; the error names it."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be at least {minimum:g}, got {value}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,6 +351,9 @@ class DataConfig:
     batch_size: int = 32
     preload: bool = True  # decode every image once into memory (uint8) before training
     skip_bad: bool = False
+    # the CSV file listing the bad rows of every split (None: the command's default, e.g.
+    # RUN/bad_rows.csv); where a report goes, not what is trained
+    bad_report: str | None = dataclasses.field(default=None, metadata=OMIT_DEFAULT)
     # the encoder behind ``model.backbone.pretrained: synthetic`` (see training/pretrain.py)
     pretext_images: int = 3000
     pretext_steps: int = 1500
@@ -260,6 +361,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _at_least(self, 1, "image_size", "batch_size", "pretext_images", "pretext_steps")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +388,10 @@ class TrainConfig:
     threads: int | None = None
     amp: bool = True  # bfloat16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "steps_per_task", "steps", "eval_every", "checkpoint_every")
+        _at_least(self, 0, "lr_encoder", "lr_heads", "weight_decay", "warmup_steps", "grad_clip")
 
     def total_steps(self, num_tasks: int) -> int:
         return self.steps if self.steps is not None else self.steps_per_task * num_tasks
@@ -349,6 +459,9 @@ class AffinityConfig:
             raise ValueError(
                 f"runs and readout_batches must be at least 1, got {self.runs}, {self.readout_batches}"
             )
+        _at_least(self, 1, "probe_batch", "attribution_images", "steps_per_task", "trained_steps_per_task")
+        _at_least(self, 1, "subset_size", "subsets", "heartbeat", "grace")
+        _check_storage(self)
 
 
 SEARCH_METHODS = ("partition", "select", "optuna")
@@ -422,6 +535,7 @@ class SearchConfig:
             raise ValueError("partners, shrink and penalty must be >= 0")
         if any(b <= 0 for b in self.budgets):
             raise ValueError(f"budgets must be positive, got {self.budgets}")
+        _check_storage(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,6 +571,8 @@ class CompareConfig:
             raise ValueError(f"seeds must be at least 1, got {self.seeds}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        _at_least(self, 1, "heartbeat", "grace")
+        _check_storage(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ import pandas as pd
 import yaml
 from rich.console import Console
 
-from taskgroup.config import from_mapping, load_run_config, load_yaml
+from taskgroup.config import from_mapping, hide_password, load_run_config, load_yaml, to_mapping
 from taskgroup.errors import ConfigError, did_you_mean
 from taskgroup.groupings import BUILTIN
 from taskgroup.plotting import pyplot
@@ -162,10 +162,11 @@ def run_study(
     record = {
         "study": str(path),
         "setting": setting,
-        "overrides": list(overrides),
+        "overrides": [hide_password(o) for o in overrides],  # a storage URL's password stays out
         "data": str(data) if data else None,
     }
-    (out / "study.yaml").write_text(yaml.safe_dump({**record, **load_yaml(path)}, sort_keys=False))
+    study_file = to_mapping(load_yaml(path))  # its strings with URL passwords masked
+    (out / "study.yaml").write_text(yaml.safe_dump({**record, **study_file}, sort_keys=False))
     tasks = list(chosen.tasks) or None
     seconds: dict[str, float] = {}
     points: list[tuple[float | None, Path]] = [(None, out)]

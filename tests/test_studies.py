@@ -136,6 +136,23 @@ def test_data_scale_study_sweeps_the_training_fraction(tiny_synth, tmp_path):
     }
     for task, full in sizes[1.0].items():
         assert sizes[0.5][task] == max(1, round(0.5 * full)), task
+    # what the sweep shows, recomputed: at every fraction each grouping's delta_m over all tasks is
+    # the mean of its tasks' gains over TS in that fraction's comparison, the proposals those the
+    # fraction's own search chose
+    for fraction in (0.5, 1.0):
+        folder = out / f"data.train_fraction={fraction:g}"
+        tasks = pd.read_csv(folder / "compare" / "per_task.csv")
+        rows = sweep[(sweep["data.train_fraction"] == fraction) & (sweep.scope == "all")]
+        meta = json.loads((folder / "search" / "meta.json").read_text())
+        assert (
+            rows.set_index("grouping").loc["best partition (gradient)", "proposal"]
+            == (meta["best_partition"]["gradient"]["name"])
+        )
+        for _, row in rows.iterrows():
+            gains = tasks[tasks.grouping == row["proposal"]]["gain"]
+            assert len(gains) and row["negative_tasks"] == int((gains < 0).sum()), row["proposal"]
+            if gains.notna().all():
+                assert row["delta_m"] == pytest.approx(gains.mean()), (fraction, row["proposal"])
 
 
 #: the tasks of planted_recovery's ci setting (studies/planted_recovery.yaml)

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 from rich.console import Console
 
@@ -38,10 +37,10 @@ from taskgroup.affinity.probes import (
 )
 from taskgroup.affinity.report import planted_separation, print_summary, write_method
 from taskgroup.affinity.trained import pairwise_jobs, pairwise_matrix, subset_jobs, subsets_matrix
-from taskgroup.config import RunConfig, to_mapping
+from taskgroup.config import RunConfig, hide_password, to_mapping
 from taskgroup.data.synthetic import planted_labels
 from taskgroup.errors import ConfigError
-from taskgroup.runtime import configure_cpu
+from taskgroup.runtime import configure_cpu, load_state, save_state
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training import ProgressCallback, prepare_data, train_network
 from taskgroup.training.jobs import (
@@ -118,7 +117,7 @@ def run_probes(
         run_dir = out_dir / ("probe_run" if run == 0 else f"probe_run_{run}")
         saved = run_dir / "probes.pt"
         if saved.exists():
-            probe.load_state_dict(torch.load(saved, weights_only=False))
+            probe.load_state_dict(load_state(saved))
             missing = sorted(q for q in _wanted(aff.methods) if q not in probe.values)
             if missing:
                 raise ConfigError(
@@ -129,7 +128,7 @@ def run_probes(
             data = prepare_data(run_cfg.data, registry, tasks, report_dir=out_dir)
             with ProgressCallback.make_progress(console) as progress:
                 train_network(run_cfg, registry, tasks, run_dir, "affinity", data, [probe], progress)
-            torch.save(probe.state_dict(), saved)
+            save_state(probe.state_dict(), saved)
         probes.append(probe)
     steps = aff.runs * train.total_steps(len(tasks))
     cost = {
@@ -197,7 +196,7 @@ def run_trained(
         "forward_passes": steps,
         "backward_passes": steps,
         "workers": workers,
-        "storage": url,
+        "storage": hide_password(url),
     }
     return results, cost
 

@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 from rich.console import Console
 
-from taskgroup.config import CompareConfig, RunConfig, config_hash, to_mapping
+from taskgroup.config import CompareConfig, RunConfig, config_hash, hide_password, to_mapping
 from taskgroup.errors import ConfigError
 from taskgroup.groupings import BUILTIN, Grouping, load_grouping
 from taskgroup.runtime import configure_cpu
@@ -206,7 +206,7 @@ def run_compare(
     study = create_queue(storage_for(url, comp.heartbeat, comp.grace), name, cfg, jobs, cache)
     console.print(
         f"compare: {len(groupings)} groupings x {len(seeds)} seed(s) = {len(jobs)} distinct networks "
-        f"(study {name!r} on {url}; more machines: taskgroup worker --storage URL --study {name})"
+        f"(study {name!r} on {hide_password(url)}; more machines: taskgroup worker --storage URL --study {name})"
     )
     trained = work_off(study, url, workers, comp.heartbeat, comp.grace, cfg.train.threads, registry)
     results = job_results(study, comp.select)
@@ -235,7 +235,7 @@ def run_compare(
         "test_source": data.test_source,
         "floor": comp.floor,
         "train_sizes": sizes,
-        "storage": url,
+        "storage": hide_password(url),
         "study": name,
         "cache": str(cache),
         "cost": {

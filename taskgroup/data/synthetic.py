@@ -76,6 +76,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
+from taskgroup.errors import DataError
 from taskgroup.tasks import TaskKind, TaskRegistry, TaskSpec
 
 # ----------------------------------------------------------------------------------------------
@@ -1297,6 +1298,12 @@ def plan_images(registry: TaskRegistry, scale: str, seed: int, version: int) -> 
     return ImagePlan(tuple(jobs), users, split_counts)
 
 
+#: the file in an output folder while :func:`generate` writes it (its generator, scale and seed),
+#: so a folder left half-written is known as the generator's; a finished benchmark is known by
+#: its ``truth.yaml``, and the marker is removed (the files written are exactly the benchmark's)
+SYNTH_MARKER = ".taskgroup-synth"
+
+
 def generate(
     out: str | Path,
     registry: TaskRegistry,
@@ -1305,9 +1312,15 @@ def generate(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     version: int = GENERATOR_VERSION,
+    overwrite: bool = False,
 ) -> SynthSummary:
     """Write the synthetic benchmark to ``out`` (``train/``, ``val/``, generator 5 also
     ``test/``, and ``truth.yaml``).
+
+    A ``train/``, ``val/`` or ``test/`` already in ``out`` is replaced only when this generator
+    wrote the folder (its ``truth.yaml``, or :data:`SYNTH_MARKER` of an interrupted run: a cache
+    folder of ``~/.cache/taskgroup`` made by any earlier version has its ``truth.yaml``) or with
+    ``overwrite``; otherwise (real data, say) it is a :class:`DataError` and nothing is deleted.
 
     ``version`` 4 (default) places the structure that carries a classification task's label
     last (:func:`sample_scene`), in the task's own images and in the images it shares with
@@ -1317,15 +1330,35 @@ def generate(
     80 % accuracy); version 5 adds the planted mechanisms of transfer (:data:`DECOYS`,
     :func:`mechanisms`) and a held-out test split (versions 3 and 4 are byte-identical to what
     they were, a test)."""
-    plan = plan_images(registry, scale, seed, version)
     out = Path(out)
+    held = [name for name in ("train", "val", "test", "truth.yaml") if (out / name).exists()]
+
+    def written_here() -> bool:
+        if (out / SYNTH_MARKER).is_file():
+            return True
+        try:
+            truth = read_truth(out)
+        except (OSError, ValueError, yaml.YAMLError):
+            return False
+        return isinstance(truth, dict) and {"generator_version", "planted_groups", "tasks"} <= set(truth)
+
+    if held and not overwrite and not written_here():
+        raise DataError(
+            f"{out}: holds {', '.join(held)}, not written by taskgroup synth (no truth.yaml of the "
+            "synthetic benchmark): nothing deleted; choose another --out, or pass --overwrite to "
+            "replace them"
+        )
+    plan = plan_images(registry, scale, seed, version)
     split_counts = plan.counts
-    if out.exists():
-        for split in split_counts:
-            shutil.rmtree(out / split, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / SYNTH_MARKER
+    marker.write_text(yaml.safe_dump({"generator_version": version, "scale": scale, "seed": seed}))
+    for split in ("train", "val", "test"):  # a split of another generator is not left behind
+        shutil.rmtree(out / split, ignore_errors=True)
     rows = _map_chunks(_write_chunk, (out, registry, plan.users), list(plan.jobs), workers, progress)
     _write_csvs(out, registry, rows, tuple(split_counts))
     _write_truth(out, registry, scale, seed, split_counts, version)
+    marker.unlink()
     return SynthSummary(out, split_counts, len(plan.jobs))
 
 

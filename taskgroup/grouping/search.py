@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sklearn.metrics import adjusted_rand_score
 
 from taskgroup.affinity.report import plot_heatmap, read_matrix
-from taskgroup.config import RunConfig, SearchConfig, from_mapping, load_yaml, to_mapping
+from taskgroup.config import RunConfig, SearchConfig, from_mapping, hide_password, load_yaml, to_mapping
 from taskgroup.data.synthetic import planted_labels
 from taskgroup.errors import ConfigError, DataError
 from taskgroup.grouping.candidates import generate_candidates, pool_summary
@@ -157,7 +158,7 @@ def read_groups_table(path: Path, registry: TaskRegistry) -> list[Candidate]:
     score (higher is better, e.g. the relative gain over its single-task network)."""
     try:
         frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError) as exc:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: cannot read the groups table: {exc}") from None
     if "tasks" not in frame.columns:
         raise DataError(f"{path}: no 'tasks' column (ids joined by '+')")
@@ -174,6 +175,10 @@ def read_groups_table(path: Path, registry: TaskRegistry) -> list[Candidate]:
             scores[t] = value
         cost = _number(row.get("cost"), path, row_number, "the cost")
         cost = 1.0 if cost is None else cost
+        if cost <= 0:
+            raise DataError(
+                f"{path}, line {row_number}: the cost is {cost:g}; a network's cost must be positive"
+            )
         out.append(Candidate(members, scores, cost, "+".join(members)))
     return out
 
@@ -528,7 +533,7 @@ def run_search(
     storage = cfg.storage or f"sqlite:///{(out / 'search.db').resolve()}"
     proposals: list[Proposal] = []
     predictors: dict[str, GainPredictor] = {}
-    meta: dict[str, Any] = {"config": to_mapping(cfg), "estimators": {}, "storage": storage}
+    meta: dict[str, Any] = {"config": to_mapping(cfg), "estimators": {}, "storage": hide_password(storage)}
     tasks: list[str] = []
     synthetic = False
     paretos = {}
@@ -556,11 +561,15 @@ def run_search(
             meta["estimators"][name] = {**info, "seconds": time.perf_counter() - t0}
     if groups_table is not None:
         pool = read_groups_table(Path(groups_table), registry)
+        if not pool:
+            raise DataError(f"{groups_table}: the groups table has no rows")
         table_tasks = list(dict.fromkeys(t for c in pool for t in c.tasks))
         tasks = tasks or table_tasks
+        infeasible = []
         for budget in cfg.budgets:
             chosen = select_milp(pool, budget, table_tasks, higher_is_better=True)
             if chosen is None:
+                infeasible.append(budget)
                 continue
             gains = {t: float(pool[c].scores[t]) for t, c in chosen.served.items()}
             proposals.append(
@@ -574,6 +583,17 @@ def run_search(
                     f"budget={budget:g}",
                 )
             )
+        if infeasible:
+            # every task must be served: the cheapest cover may exceed a budget
+            message = (
+                f"{groups_table}: no selection of its groups serves all {len(table_tasks)} of its tasks "
+                f"within the budget(s) {', '.join(f'{b:g}' for b in infeasible)} (--budget / "
+                f"search.budgets; its networks cost {min(c.cost for c in pool):g} to "
+                f"{max(c.cost for c in pool):g} each)"
+            )
+            if not proposals and cfg.trained_trials == 0:
+                raise DataError(message + ": nothing to propose")
+            console.print(f"[yellow]{escape(message)}: those budgets are left out[/]")
     if cfg.trained_trials > 0:
         if run_cfg is None:
             raise ConfigError("search.trained_trials needs the run config (model, data, train) to train with")

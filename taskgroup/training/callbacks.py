@@ -1,19 +1,21 @@
 """Callbacks of the training loop: evaluation with best-per-task checkpoints, periodic
 checkpoints, and the progress bar. Order matters: evaluation runs before the periodic checkpoint
-of the same step, so a resumed run never misses or repeats an evaluation."""
+of the same step, so a resumed run never misses or repeats an evaluation. Every file is written
+atomically (:mod:`taskgroup.runtime`): a kill or a full disk leaves the previous version."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from taskgroup.runtime import atomic_write_bytes, atomic_write_text, save_state
 from taskgroup.training.engine import Callback, Engine, StepOutput
 
 log = logging.getLogger("taskgroup")
@@ -49,7 +51,7 @@ class EvaluationCallback(Callback):
         file = self.metrics_file(engine)
         if file.exists():  # a resumed run: drop rows of steps after the checkpoint
             rows = pd.read_csv(file)
-            rows[rows["step"] <= engine.step].to_csv(file, index=False)
+            atomic_write_text(file, rows[rows["step"] <= engine.step].to_csv(index=False))
         self.best_dir(engine).mkdir(parents=True, exist_ok=True)
         self._remove_unreferenced(engine)
 
@@ -64,15 +66,16 @@ class EvaluationCallback(Callback):
             splits["test"] = engine.evaluate("test")
         if engine.dist.is_main:
             file = self.metrics_file(engine)
-            new = not file.exists()
-            with file.open("a", newline="") as f:
-                writer = csv.writer(f)
-                if new:
-                    writer.writerow(METRIC_FIELDS)
-                for split, split_scores in splits.items():
-                    for task, values in split_scores.items():
-                        for metric, value in values.items():
-                            writer.writerow([engine.name, task, step, split, metric, value])
+            text = io.StringIO()  # appended as before (csv's line ends), but the file replaced whole
+            writer = csv.writer(text)
+            if not file.exists():
+                writer.writerow(METRIC_FIELDS)
+            for split, split_scores in splits.items():
+                for task, values in split_scores.items():
+                    for metric, value in values.items():
+                        writer.writerow([engine.name, task, step, split, metric, value])
+            old = file.read_bytes() if file.exists() else b""
+            atomic_write_bytes(file, old + text.getvalue().encode("utf-8"))
         improved = []
         for task, values in scores.items():
             primary = engine.tasks[task].primary_metric
@@ -88,7 +91,7 @@ class EvaluationCallback(Callback):
                     self.best[task].update(test_value=test[primary.name], test_metrics=test)
                 improved.append(task)
         if improved and engine.dist.is_main:
-            torch.save(engine.model.state_dict(), self.best_dir(engine) / f"step_{step}.pt")
+            save_state(engine.model.state_dict(), self.best_dir(engine) / f"step_{step}.pt")
             self._remove_unreferenced(engine)
         log.info(
             "network %s step %d: %s",
@@ -111,7 +114,7 @@ class EvaluationCallback(Callback):
 
     def on_train_end(self, engine: Engine) -> None:
         if engine.dist.is_main:
-            (engine.out_dir / "best.json").write_text(json.dumps(self.best, indent=1))
+            atomic_write_text(engine.out_dir / "best.json", json.dumps(self.best, indent=1))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

@@ -2,9 +2,11 @@
 
 ``prepare_data`` resolves the data (a user's FM_UIA root, or the embedded synthetic benchmark
 generated once into a cache folder), validates it, and picks the evaluation split: the root's
-``val/`` when it has one, else an image-level stratified split of ``train``. A held-out test
-split (the root's ``test/``, or ``data.test_root``) is loaded too when there is one: networks
-are chosen and tasks served on validation, and reported on test (Standley et al. 2020). With
+``val/`` when it has one, else an image-level stratified split of ``train`` (an error when it
+leaves a task without rows on one side). A held-out test split (the root's ``test/``, or
+``data.test_root``) is loaded too when there is one: networks are chosen and tasks served on
+validation, and reported on test (Standley et al. 2020). The bad rows of every split go to one
+report. With
 ``preload`` every image is decoded and resized once into memory as uint8 (a few hundred MB for the synthetic
 benchmark at 64 px), so a step spends almost no time on data; ground truth for evaluation is
 kept at the original resolution, as the official metrics need it.
@@ -173,27 +175,41 @@ def prepare_data(
             f"{root}: no train/csv_files/ (found only {', '.join(f'{s}/' for s in roots)}): a data "
             "root needs its training split"
         )
-    report = (report_dir / "bad_rows.csv") if report_dir is not None and cfg.skip_bad else None
-    train_index = load_index(roots["train"], registry, tasks=tasks, skip_bad=cfg.skip_bad, report=report)
-    _check_tasks(train_index, tasks)
+    # one report for every split, each row naming its split and root (see write_bad_rows):
+    # data.bad_report when set (written also without skip_bad: an error lists only a few rows)
+    if cfg.bad_report is not None:
+        report: Path | None = Path(cfg.bad_report).expanduser()
+    else:
+        report = (report_dir / "bad_rows.csv") if report_dir is not None and cfg.skip_bad else None
+
+    def load(split_root: Path, split: str) -> FMUIAIndex:
+        index = load_index(
+            split_root, registry, tasks=tasks, skip_bad=cfg.skip_bad, report=report, split=split
+        )
+        _check_tasks(index, tasks)
+        return index
+
+    train_index = load(roots["train"], "train")
     if "val" in roots:
-        val_report = (report_dir / "bad_rows_val.csv") if report is not None else None
-        val_index = load_index(roots["val"], registry, tasks=tasks, skip_bad=cfg.skip_bad, report=val_report)
-        _check_tasks(val_index, tasks)
+        val_index = load(roots["val"], "val")
         train_records, val_records, source = dict(train_index.records), dict(val_index.records), "val/ root"
     else:
+        if not 0.0 < cfg.val_fraction < 1.0:
+            raise DataError(
+                f"{root}: no val/ split, and data.val_fraction is {cfg.val_fraction}: "
+                "a validation split of train needs a fraction in (0, 1)"
+            )
         split = split_index(train_index, cfg.val_fraction, seed=0)
         train_records, val_records = split.records(train_index, "train"), split.records(train_index, "val")
         source = f"{cfg.val_fraction:.0%} split of train"
+        _check_split(train_records, val_records, tasks, roots["train"], cfg.val_fraction)
     order = list(tasks)
     train_records = {t: subsample(train_records[t], cfg.train_fraction, t) for t in order}
     val_records = {t: val_records[t] for t in order}
     test_records = None
     test_root, test_source = _test_root(cfg, roots)
     if test_root is not None:  # validated as val/ is (before anything is decoded), never subsampled
-        test_report = (report_dir / "bad_rows_test.csv") if report is not None else None
-        test_index = load_index(test_root, registry, tasks=tasks, skip_bad=cfg.skip_bad, report=test_report)
-        _check_tasks(test_index, tasks)
+        test_index = load(test_root, "test")
         test_records = {t: tuple(test_index.records[t]) for t in order}
 
     def decoded(records: dict[str, Sequence[Record]], label: str) -> SplitData:
@@ -226,6 +242,30 @@ def train_sizes(cfg: DataConfig, registry: TaskRegistry, tasks: Sequence[str]) -
     """Training examples per task after the validation split (nothing decoded), and the root."""
     data = prepare_data(dataclasses.replace(cfg, preload=False), registry, tasks)
     return {t: data.train.size(t) for t in tasks}, data.root
+
+
+def _check_split(
+    train: dict[str, Sequence[Record]],
+    val: dict[str, Sequence[Record]],
+    tasks: Sequence[str],
+    root: Path,
+    val_fraction: float,
+) -> None:
+    """Every task needs rows on both sides of a split of ``train/``: a task with none in
+    validation can be neither evaluated nor served (and stacking its empty batch fails)."""
+    empty = [
+        (t, side) for t in tasks for side, records in (("val", val), ("train", train)) if not records.get(t)
+    ]
+    if empty:
+        listed = ", ".join(
+            f"{t} ({len(train.get(t, ())) + len(val.get(t, ()))} rows, none in {side})" for t, side in empty
+        )
+        raise DataError(
+            f"{root}: a {val_fraction:.0%} validation split leaves task(s) without rows on one side: {listed}. "
+            "Validation takes round(val_fraction x rows) images per task and class, and an image shared "
+            "by several tasks goes to one side for all of them. Give the data a val/ split, add rows, "
+            "change data.val_fraction, or leave the task(s) out."
+        )
 
 
 def _check_tasks(index: FMUIAIndex, tasks: Sequence[str]) -> None:

@@ -9,8 +9,15 @@ periodic checkpoints, progress display, affinity probes, Optuna pruning.
 
 A run survives being killed: the state saved every ``checkpoint_every`` steps (model, optimiser,
 schedule, sampler, random generators, callbacks) makes the resumed run take the very same steps
-as one never interrupted. A non-finite loss saves the last good state and stops the run with a
-message naming the task and step.
+as one never interrupted. Checkpoints hold tensors and plain containers only and are read with
+``weights_only=True`` (:func:`taskgroup.runtime.load_state`), so a planted file cannot run code.
+
+A non-finite loss, or a non-finite gradient norm (found before the optimiser applies it), stops
+the run: the state at the start of the failing step (weights before its update, sampler and
+random generators before its draw) is saved as the last checkpoint, the failure goes to the log,
+and the message says how to resume with lower learning rates (``--resume-with-changes``; a
+resumed run takes the configured learning rates over the checkpoint's). No checkpoint is ever
+written with a non-finite tensor.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +43,7 @@ from taskgroup.evaluation import update_metric
 from taskgroup.losses import task_loss
 from taskgroup.metrics import build_task_metric
 from taskgroup.models import M2DINO, decode_outputs
+from taskgroup.runtime import load_state, non_finite, remove_temporaries, save_state
 from taskgroup.tasks import TaskSpec
 from taskgroup.training.data import TrainingData
 from taskgroup.training.distributed import DistInfo, barrier
@@ -45,7 +52,13 @@ log = logging.getLogger("taskgroup")
 
 
 class TrainingDiverged(TaskgroupError):
-    """A loss became NaN or infinite."""
+    """A loss or a gradient became NaN or infinite (or a state to save holds such a value)."""
+
+    def __init__(self, message: str, step: int, task: str | None = None, quantity: str = "loss") -> None:
+        super().__init__(message)
+        self.step = step
+        self.task = task
+        self.quantity = quantity  # "loss", "gradient norm" or "state"
 
 
 @dataclasses.dataclass
@@ -121,6 +134,9 @@ class Engine:
         self.device = device or torch.device("cpu")
         self.total_steps = train_cfg.total_steps(len(tasks))
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or read
+        # sampler and random generators at the start of the current step (what a divergence saves)
+        self._step_start: dict[str, Any] = {}
         self.model.to(self.device)
         # the module that is called in training: DDP-wrapped when several processes train
         self.network: nn.Module = model
@@ -147,44 +163,87 @@ class Engine:
     def last_checkpoint(self) -> Path:
         return self.checkpoint_dir / "last.pt"
 
-    def state_dict(self) -> dict[str, Any]:
+    def _draw_state(self) -> dict[str, Any]:
+        """What drawing a step's batch and running it advance: the sampler and the generators."""
         return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimiser": self.optimiser.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
             },
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **self._draw_state(),
             "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks},
         }
 
-    def save_checkpoint(self, path: Path | None = None) -> Path:
-        """Write the whole state atomically (a kill mid-write leaves the previous file); only
-        rank 0 writes, the others wait for it."""
+    def save_checkpoint(self, path: Path | None = None, state: dict[str, Any] | None = None) -> Path:
+        """Write the whole state (``state``, default the current one) atomically: a kill or a full
+        disk mid-write leaves the previous file. A state with a non-finite tensor is never
+        written (:class:`TrainingDiverged`, the previous file kept). Only rank 0 writes, the
+        others wait for it."""
         path = path or self.last_checkpoint
+        state = state if state is not None else self.state_dict()
         if self.dist.is_main:
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
+            bad = non_finite({k: state[k] for k in ("model", "optimiser")})
+            if bad:
+                raise TrainingDiverged(
+                    f"network {self.name}: not saving {path} at step {state['step']}: "
+                    f"{len(bad)} tensor(s) are not finite ({', '.join(bad[:3])}); {self._kept(path)}",
+                    step=int(state["step"]),
+                    quantity="state",
+                )
+            save_state(state, path)
         barrier(self.dist)
+        if path == self.last_checkpoint:
+            self.saved_step = int(state["step"])
         return path
 
+    def _kept(self, path: Path) -> str:
+        if self.saved_step is None or not path.exists():
+            return "no checkpoint of this network was written before"
+        return f"{path} keeps the state of step {self.saved_step}"
+
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_state(path, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         for c in self.callbacks:
             c.load_state_dict(state["callbacks"].get(type(c).__name__, {}))
         self.step = int(state["step"])
+        self.saved_step = self.step
+        self._take_configured_learning_rates()
+
+    def _take_configured_learning_rates(self) -> None:
+        """After a resume: the configured learning rates over the checkpoint's, at the same point
+        of the schedule (the recovery from a divergence resumes with lower ones); nothing changes
+        when they are the checkpoint's, so a plain resume stays exact."""
+        configured = {"encoder": self.cfg.lr_encoder, "new": self.cfg.lr_heads}
+        changed = []
+        for i, group in enumerate(self.optimiser.param_groups):
+            old, new = self.scheduler.base_lrs[i], configured[group["name"]]
+            if old == new:
+                continue
+            self.scheduler.base_lrs[i] = group["initial_lr"] = new
+            group["lr"] = new * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch)
+            changed.append(f"{group['name']} {old:g} -> {new:g}")
+        if changed:
+            self.scheduler._last_lr = [g["lr"] for g in self.optimiser.param_groups]
+            log.info(
+                "network %s: learning rates changed at step %d: %s", self.name, self.step, ", ".join(changed)
+            )
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,30 +310,57 @@ class Engine:
         return self.data.train.batch(task, positions).to(self.device)
 
     def train_step(self) -> StepOutput:
-        """One optimiser step on one task's batch."""
+        """One optimiser step on one task's batch; a non-finite loss or gradient norm stops the
+        run before the update (see :meth:`diverged`)."""
+        self._step_start = self._draw_state()
         batch = self.next_batch()
         task = batch.task_id
         with self.autocast():
             loss = self.loss(task, self.network(self.images(batch), task), batch)
             total = self.cfg.loss_weights.get(task, 1.0) * loss + self.model.aux_loss()
         if not torch.isfinite(total):
-            path = self.save_checkpoint()
-            raise TrainingDiverged(
-                f"network {self.name}: the loss of task {task} is {total.item()} at step {self.step}; "
-                f"the last good state is saved in {path}"
-            )
+            self.diverged(task, "loss", total.item())
         self.optimiser.zero_grad(set_to_none=True)
         total.backward()
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        # the norm clip_grad_norm_ computes, taken first: a NaN in it would reach every weight
+        norm = nn.utils.get_total_norm([p.grad for p in parameters])
+        if not torch.isfinite(norm):
+            self.diverged(task, "gradient norm", norm.item())
         if self.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            nn.utils.clip_grads_with_norm_(parameters, self.cfg.grad_clip, norm)
         self.optimiser.step()
         self.scheduler.step()
         self.step += 1
         return StepOutput(self.step, {task: batch}, {task: float(loss.detach())}, float(total.detach()))
 
+    def diverged(self, task: str, quantity: str, value: float) -> None:
+        """Save the state at the start of this step (the weights before its update) as the last
+        checkpoint, log the failure and raise :class:`TrainingDiverged` saying how to resume."""
+        step = self.step
+        state = {**self.state_dict(), **self._step_start}
+        what = f"network {self.name}: the {quantity} of task {task} is {value} at step {step}"
+        try:
+            path = self.save_checkpoint(state=state)
+            where = f"the last good state is saved in {path} (step {step}, before the update of this step)"
+        except TrainingDiverged:  # the weights were no longer finite: the previous file stays
+            where = f"the weights are no longer finite: {self._kept(self.last_checkpoint)}"
+        lr_encoder, lr_heads = self.cfg.lr_encoder / 10, self.cfg.lr_heads / 10
+        message = (
+            f"{what}; {where}. To resume from it with lower learning rates, run the same command "
+            f"again with --resume-with-changes --set train.lr_encoder={lr_encoder:g} "
+            f"--set train.lr_heads={lr_heads:g} (other values work too; the change is recorded in "
+            "the run's config_history.yaml)"
+        )
+        log.error(message)
+        raise TrainingDiverged(message, step=step, task=task, quantity=quantity)
+
     def run(self) -> None:
         """Train to ``total_steps`` (resuming from the last checkpoint if there is one)."""
         self.model.train()
+        if self.dist.is_main:  # left by a process killed mid-write
+            for folder in (self.out_dir, self.checkpoint_dir, self.checkpoint_dir / "best"):
+                remove_temporaries(folder)
         if self.last_checkpoint.exists():
             self.load_checkpoint(self.last_checkpoint)
             log.info("network %s: resumed at step %d from %s", self.name, self.step, self.last_checkpoint)

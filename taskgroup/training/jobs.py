@@ -19,6 +19,10 @@ What makes it safe:
 - the study holds everything a worker needs (the run config, the jobs' task sets, the work
   folder), so ``taskgroup worker --storage URL --study NAME`` joins from any machine that sees
   the same work folder.
+
+A storage URL may hold a password: it is masked wherever it is shown or stored
+(:func:`taskgroup.config.hide_password`), and local workers get it in their environment
+(:data:`STORAGE_ENV`), not on their command line, which every user of the machine can read.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from typing import Any
 
 import optuna
 
-from taskgroup.config import RunConfig, from_mapping, to_mapping
+from taskgroup.config import RunConfig, from_mapping, hide_password, storage_url, to_mapping
+from taskgroup.errors import ConfigError
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training.data import TrainingData, prepare_data
 from taskgroup.training.run import final_scores, network_folder, train_network
@@ -45,6 +50,8 @@ from taskgroup.training.run import final_scores, network_folder, train_network
 log = logging.getLogger("taskgroup")
 
 JOB = "job"  # the fixed parameter of every queued trial
+#: the environment variable ``taskgroup worker`` reads its storage URL from without ``--storage``
+STORAGE_ENV = "TASKGROUP_STORAGE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +71,43 @@ class NetworkJob:
         return cls(tuple(tasks.split("+")), int(seed))
 
 
-def storage_for(url: str, heartbeat: int, grace: int) -> optuna.storages.RDBStorage:
-    """An RDB storage whose stale trials (no heartbeat for ``grace`` s) are queued again."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat,
-            grace_period=grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+def storage_for(url: str, heartbeat: int, grace: int, create: bool = True) -> optuna.storages.RDBStorage:
+    """An RDB storage whose stale trials (no heartbeat for ``grace`` s) are queued again.
+
+    ``create=False`` (a worker joining a queue): a SQLite file that does not exist is an error
+    instead of a new empty database. A URL SQLAlchemy cannot read, a missing driver or a server
+    that refuses the connection is a :class:`ConfigError` naming the URL (password masked)."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = storage_url(url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    shown = hide_password(url)
+    parsed = make_url(url)
+    sqlite = parsed.get_backend_name() == "sqlite"
+    on_disk = sqlite and parsed.database not in (None, "", ":memory:")
+    if on_disk and not create and not Path(parsed.database).is_file():
+        raise ConfigError(
+            f"storage {shown!r}: no such SQLite file {parsed.database} (the queue's storage is "
+            "made by the command that queues the jobs: affinity or compare)"
         )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+            )
+    except ImportError as exc:  # the URL's driver (e.g. postgresql+psycopg without psycopg)
+        raise ConfigError(f"storage {shown!r}: its database driver is not installed ({exc})") from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # cannot connect, or not a database
+        reason = hide_password(str(getattr(exc, "orig", None) or exc)).strip()
+        raise ConfigError(f"storage {shown!r}: cannot open it: {reason}") from None
 
 
 def sqlite_url(path: Path) -> str:
@@ -170,12 +203,13 @@ class Worker:
 
 
 def spawn_worker(url: str, study: str, heartbeat: int, grace: int, threads: int | None) -> subprocess.Popen:
-    """A local ``taskgroup worker`` process on the study."""
-    command = [sys.executable, "-m", "taskgroup", "worker", "--storage", url, "--study", study]
+    """A local ``taskgroup worker`` process on the study; the storage URL (which may hold a
+    password) goes in its environment (:data:`STORAGE_ENV`), not on its command line."""
+    command = [sys.executable, "-m", "taskgroup", "worker", "--study", study]
     command += ["--heartbeat", str(heartbeat), "--grace", str(grace)]
     if threads:
         command += ["--threads", str(threads)]
-    return subprocess.Popen(command, env=dict(os.environ))
+    return subprocess.Popen(command, env={**os.environ, STORAGE_ENV: url})
 
 
 def work_off(

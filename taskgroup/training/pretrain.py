@@ -15,11 +15,11 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from taskgroup.config import BackboneConfig, DataConfig, MoEConfig, RunConfig, TrainConfig, config_hash
 from taskgroup.data.synthetic import PRETEXT_TASKS, PRETEXT_VERSION, generate_pretext, pretext_registry
+from taskgroup.runtime import atomic_write_bytes, load_state
 from taskgroup.training.data import build_lock, generate_once, prepare_data
 from taskgroup.training.run import train_network
 
@@ -28,14 +28,31 @@ log = logging.getLogger("taskgroup")
 SYNTHETIC = "synthetic"
 
 
+def _pretext_backbone(cfg: RunConfig) -> BackboneConfig:
+    """The architecture of ``cfg``'s backbone, as the pretext network trains it."""
+    return dataclasses.replace(cfg.model.backbone, pretrained=None, freeze_blocks=0, freeze_encoder=False)
+
+
+def _encoder_key(cfg: RunConfig) -> str:
+    images, steps = cfg.data.pretext_images, cfg.data.pretext_steps
+    return config_hash(
+        {"backbone": _pretext_backbone(cfg), "images": images, "steps": steps, "version": PRETEXT_VERSION}
+    )
+
+
+def synthetic_encoder_path(cfg: RunConfig) -> Path:
+    """Where the synthetic-pretrained encoder for ``cfg``'s backbone is cached (built or not)."""
+    cache = Path(os.path.expanduser(cfg.data.cache_dir))
+    return cache / "encoders" / f"synthetic-{_encoder_key(cfg)}.safetensors"
+
+
 def synthetic_encoder(cfg: RunConfig) -> Path:
     """The cached synthetic-pretrained encoder for ``cfg``'s backbone (built if missing), from
     ``data.pretext_images`` images and ``data.pretext_steps`` steps."""
-    images, steps = cfg.data.pretext_images, cfg.data.pretext_steps
-    backbone = dataclasses.replace(cfg.model.backbone, pretrained=None, freeze_blocks=0, freeze_encoder=False)
+    backbone = _pretext_backbone(cfg)
     cache = Path(os.path.expanduser(cfg.data.cache_dir))
-    key = config_hash({"backbone": backbone, "images": images, "steps": steps, "version": PRETEXT_VERSION})
-    path = cache / "encoders" / f"synthetic-{key}.safetensors"
+    key = _encoder_key(cfg)
+    path = synthetic_encoder_path(cfg)
     if path.is_file():
         return path
     with build_lock(path):
@@ -76,18 +93,18 @@ def _pretrain(cfg: RunConfig, backbone: BackboneConfig, cache: Path, key: str, p
     run_dir = cache / "encoders" / f"pretext-run-{key}"
     log.info("pretraining the synthetic encoder into %s", path)
     train_network(pretext_cfg, registry, PRETEXT_TASKS, run_dir, "pretext", data)
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    state = load_state(run_dir / "checkpoints" / "last.pt")["model"]
     encoder = {k[len("backbone.") :]: v.contiguous() for k, v in state.items() if k.startswith("backbone.")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(encoder, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(encoder))
 
 
-def resolve_pretrained(cfg: RunConfig) -> RunConfig:
-    """``backbone.pretrained: synthetic`` -> the cached synthetic-pretrained encoder's file."""
+def resolve_pretrained(cfg: RunConfig, build: bool = True) -> RunConfig:
+    """``backbone.pretrained: synthetic`` -> the cached synthetic-pretrained encoder's file
+    (pretrained first when missing; with ``build=False`` only its path, e.g. to compare a config
+    with a run folder's before any training)."""
     if cfg.model.backbone.pretrained != SYNTHETIC:
         return cfg
-    path = synthetic_encoder(cfg)
+    path = synthetic_encoder(cfg) if build else synthetic_encoder_path(cfg)
     backbone = dataclasses.replace(cfg.model.backbone, pretrained=str(path))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))

@@ -7,20 +7,30 @@ al. 2020); when the data has a held-out test split, the chosen network's test me
 chosen step are reported beside (``served.csv``: ``test_value``, ``test_<metric>``). A run folder
 holds::
 
-    config.yaml  grouping.yaml  log.txt  metrics.csv  served.csv
+    config.yaml  grouping.yaml  log.txt  metrics.csv  served.csv  [config_history.yaml]
     networks/<name>/  network.json  metrics.csv  best.json  done.json  checkpoints/{last.pt,best/}
 
 Finished networks are never retrained; an unfinished one resumes from its last checkpoint.
+
+A run folder belongs to one config and one grouping: a run into a folder that holds another is
+refused before any file is touched, with the differences. The one exception is explicit: with
+``resume_with_changes`` (``taskgroup train --resume-with-changes``) the learning rates may differ,
+the recovery from a divergence (the engine saved the state before it); the change is logged and
+recorded in ``config_history.yaml`` and in each ``network.json``. One process writes a run folder
+at a time (a lock beside its files; a second one is refused, naming the holder). Every file is
+written atomically (:mod:`taskgroup.runtime`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +39,11 @@ import torch
 import yaml
 from rich.console import Console
 
-from taskgroup.config import RunConfig, config_hash, to_mapping
-from taskgroup.errors import ConfigError
+from taskgroup.config import RunConfig, config_hash, load_run_config, to_mapping
+from taskgroup.errors import ConfigError, TaskgroupError
 from taskgroup.groupings import Grouping
 from taskgroup.models import build_model
-from taskgroup.runtime import configure_cpu
+from taskgroup.runtime import atomic_write_text, configure_cpu, lock_folder
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training.callbacks import CheckpointCallback, EvaluationCallback, ProgressCallback
 from taskgroup.training.data import TrainingData, prepare_data
@@ -44,6 +54,112 @@ log = logging.getLogger("taskgroup")
 
 
 NETWORK_SECTIONS = ("model", "data", "train", "registry")
+
+#: the config keys ``resume_with_changes`` lets differ from what a run folder holds
+RESUMABLE_KEYS = ("train.lr_encoder", "train.lr_heads")
+CONFIG_HISTORY = "config_history.yaml"
+RESUME_FLAG = "--resume-with-changes"
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict[str, tuple]:
+    """The dotted keys whose values differ between two config mappings: ``{key: (old, new)}``
+    (a key only one side has counts, with ``None`` on the other; NaN equals NaN)."""
+    changes: dict[str, tuple] = {}
+    for key in [*old, *(k for k in new if k not in old)]:
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changes.update(config_changes(a, b, f"{name}."))
+        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            changes[name] = (a, b)
+    return changes
+
+
+def describe_changes(changes: Mapping[str, tuple], limit: int = 6) -> str:
+    """``train.steps 12 -> 20, ...`` (the first ``limit``)."""
+    shown = [f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:limit]]
+    more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
+    return ", ".join(shown) + more
+
+
+def refuse_changes(where: Path, what: str, changes: Mapping[str, tuple], resume_with_changes: bool) -> None:
+    """Raise unless ``changes`` are all learning rates and ``resume_with_changes`` allows them."""
+    if not changes:
+        return
+    others = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
+    if resume_with_changes and not others:
+        return
+    message = f"{where} holds {what} trained with another config ({describe_changes(others or changes)})"
+    if others:
+        message += "; use another --out"
+        if resume_with_changes:
+            message += f" ({RESUME_FLAG} allows only {', '.join(RESUMABLE_KEYS)} to change)"
+    else:
+        message += (
+            f": only learning rates differ; to continue it from its checkpoints with them, pass "
+            f"{RESUME_FLAG} (the change is recorded), or use another --out"
+        )
+    raise ConfigError(message)
+
+
+def check_run_folder(
+    out_dir: Path, cfg: RunConfig, grouping: Grouping, resume_with_changes: bool = False
+) -> dict[str, tuple]:
+    """Refuse, before anything is written, a run into a folder that holds another grouping or
+    another config (``cfg`` resolved as the folder's ``config.yaml`` is); returns the config
+    changes ``resume_with_changes`` allowed (learning rates), empty when nothing differs."""
+    grouping_file, config_file = out_dir / "grouping.yaml", out_dir / "config.yaml"
+    if grouping_file.exists():
+        found = yaml.safe_load(grouping_file.read_text()) or {}
+        found_groups = {str(g): list(ids) for g, ids in (found.get("groups") or {}).items()}
+        groups = {g: list(ids) for g, ids in grouping.groups.items()}
+        if found_groups != groups:
+            raise ConfigError(
+                f"{out_dir} holds a run of another grouping ({found.get('name')!r}: "
+                f"{_describe_groups(found_groups)}; this one {grouping.name!r}: {_describe_groups(groups)}); "
+                "a run folder belongs to one grouping: use another --out"
+            )
+    if not config_file.exists():
+        return {}
+    try:
+        found_cfg = load_run_config(config_file)
+    except (TaskgroupError, ValueError) as exc:
+        raise ConfigError(
+            f"{config_file}: not a run config of this version ({exc}); a run folder belongs to one "
+            "config: use another --out"
+        ) from None
+    changes = config_changes(to_mapping(found_cfg), to_mapping(cfg))
+    refuse_changes(out_dir, "a run", changes, resume_with_changes)
+    return changes
+
+
+def _describe_groups(groups: Mapping[str, list], limit: int = 4) -> str:
+    shown = [f"{g}=[{', '.join(ids)}]" for g, ids in list(groups.items())[:limit]]
+    return " ".join(shown) + (f" and {len(groups) - limit} more groups" if len(groups) > limit else "")
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _history_entry(changes: Mapping[str, tuple]) -> dict[str, Any]:
+    return {"time": _now(), "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+
+
+def write_run_files(out_dir: Path, cfg: RunConfig, grouping: Grouping, changes: Mapping[str, tuple]) -> None:
+    """``config.yaml`` and ``grouping.yaml`` of a new run folder; after allowed ``changes``, the
+    new ``config.yaml`` and one more entry of ``config_history.yaml`` (a folder that holds this
+    very config and grouping keeps its files as they are)."""
+    config_file, grouping_file = out_dir / "config.yaml", out_dir / "grouping.yaml"
+    if changes:
+        history_file = out_dir / CONFIG_HISTORY
+        history = (yaml.safe_load(history_file.read_text()) or []) if history_file.exists() else []
+        history.append(_history_entry(changes))
+        atomic_write_text(history_file, yaml.safe_dump(history, sort_keys=False))
+    if changes or not config_file.exists():
+        atomic_write_text(config_file, yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    if not grouping_file.exists():
+        atomic_write_text(grouping_file, grouping.to_yaml())
 
 
 def final_scores(network_dir: Path) -> dict[str, dict[str, Any]]:
@@ -95,10 +211,13 @@ def network_config(cfg: RunConfig) -> dict[str, Any]:
     """The part of a run config a trained network depends on: model, data, training and registry
     (not the sections that only say what is measured, searched or compared around trainings).
     ``data.test_root`` is left out when unset: a network does not depend on it (the test split is
-    only scored), and networks trained before it existed keep their hash and cached folders."""
+    only scored), and networks trained before it existed keep their hash and cached folders;
+    ``data.bad_report`` (a file name) always."""
     config = {k: v for k, v in to_mapping(cfg).items() if k in NETWORK_SECTIONS}
     if config["data"].get("test_root") is None:
         config["data"] = {k: v for k, v in config["data"].items() if k != "test_root"}
+    # where bad rows are listed says nothing about what a network learns
+    config["data"] = {k: v for k, v in config["data"].items() if k != "bad_report"}
     return config
 
 
@@ -122,21 +241,15 @@ def train_network(
     data: TrainingData,
     callbacks: Sequence[Callback] = (),
     progress: Any = None,
+    resume_with_changes: bool = False,
 ) -> NetworkResult:
-    """Train (or resume, or reuse) one network on ``tasks``."""
+    """Train (or resume, or reuse) one network on ``tasks``. A folder that holds a network of
+    another config or task set is refused; with ``resume_with_changes``, one whose config
+    differs only in learning rates resumes with the new ones (see :func:`check_network_folder`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist_info, device = init_distributed(cfg.train.device)
-    key = network_hash(cfg, tasks)
-    meta = out_dir / "network.json"
-    if meta.exists():
-        found = json.loads(meta.read_text())
-        if found.get("hash") != key:
-            raise ConfigError(
-                f"{out_dir} holds a network trained with another config or task set; use another --out"
-            )
-    elif dist_info.is_main:
-        meta.write_text(json.dumps({"name": name, "tasks": list(tasks), "hash": key}, indent=1))
+    check_network_folder(out_dir, cfg, tasks, name, dist_info.is_main, resume_with_changes)
     done = out_dir / "done.json"
     if done.exists():
         return NetworkResult(name, tuple(tasks), json.loads(done.read_text())["best"], out_dir)
@@ -153,9 +266,48 @@ def train_network(
     engine = Engine(model, data, specs, cfg.train, cfg.data, out_dir, name, all_callbacks, device, dist_info)
     engine.run()
     if dist_info.is_main:
-        done.write_text(json.dumps({"best": evaluation.best, "steps": engine.total_steps}, indent=1))
+        atomic_write_text(done, json.dumps({"best": evaluation.best, "steps": engine.total_steps}, indent=1))
     barrier(dist_info)
     return NetworkResult(name, tuple(tasks), evaluation.best, out_dir)
+
+
+def check_network_folder(
+    out_dir: Path,
+    cfg: RunConfig,
+    tasks: Sequence[str],
+    name: str,
+    write: bool = True,
+    resume_with_changes: bool = False,
+) -> None:
+    """``network.json`` of a network folder: written when new (the hash of what the network
+    depends on, and that config); a folder of another network is refused. Allowed learning-rate
+    changes (``resume_with_changes``) take the new hash and are appended to its ``history``."""
+    key = network_hash(cfg, tasks)
+    meta = out_dir / "network.json"
+    record = {"name": name, "tasks": list(tasks), "hash": key, "config": network_config(cfg)}
+    if not meta.exists():
+        if write:
+            atomic_write_text(meta, json.dumps(record, indent=1))
+        return
+    found = json.loads(meta.read_text())
+    if found.get("hash") == key:
+        return
+    if sorted(found.get("tasks", [])) != sorted(tasks) or "config" not in found:
+        unknown = "" if "config" in found else " (its network.json, older, does not say which config)"
+        raise ConfigError(
+            f"{out_dir} holds a network trained with another config or task set{unknown}; use another --out"
+        )
+    changes = config_changes(found["config"], network_config(cfg))
+    refuse_changes(out_dir, "a network", changes, resume_with_changes)
+    if write:
+        record["history"] = [*found.get("history", []), {**_history_entry(changes), "hash": found["hash"]}]
+        atomic_write_text(meta, json.dumps(record, indent=1))
+    finished = (
+        " (finished before: its results stay those of the old config)"
+        if (out_dir / "done.json").exists()
+        else ""
+    )
+    log.info("network %s: config changed (%s)%s", name, describe_changes(changes), finished)
 
 
 def serve_tasks(
@@ -209,8 +361,11 @@ def train_grouping(
     out_dir: str | Path,
     registry: TaskRegistry | None = None,
     console: Console | None = None,
+    resume_with_changes: bool = False,
 ) -> RunResult:
-    """Train every network of ``grouping`` into ``out_dir`` and serve every task."""
+    """Train every network of ``grouping`` into ``out_dir`` and serve every task. The folder is
+    locked for the run; one of another config or grouping is refused before anything is written
+    (``resume_with_changes``: but for learning rates, see the module doc)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     registry = registry or load_registry(cfg.registry)
@@ -218,43 +373,70 @@ def train_grouping(
     dist_info, _ = init_distributed(cfg.train.device)
     from taskgroup.training.pretrain import resolve_pretrained  # it trains through this module
 
-    cfg = resolve_pretrained(cfg)
-    if dist_info.is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
-        (out_dir / "grouping.yaml").write_text(grouping.to_yaml())
-    handler = _log_to(out_dir / "log.txt") if dist_info.is_main else logging.NullHandler()
-    try:
-        data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
-        log.info(
-            "data: %s (networks chosen on the %s; %s)",
-            data.root,
-            data.val_source,
-            f"reported on the {data.test_source} too" if data.test_source else "no test split",
+    with lock_folder(out_dir) if dist_info.is_main else contextlib.nullcontext():
+        # compared as the folder holds it (the encoder's path), before pretraining it if need be
+        changes = check_run_folder(
+            out_dir, resolve_pretrained(cfg, build=False), grouping, resume_with_changes
         )
-        networks: dict[str, NetworkResult] = {}
-        progress = ProgressCallback.make_progress(console)
-        with progress:
-            for name, tasks in grouping.groups.items():
-                networks[name] = train_network(
-                    cfg,
-                    registry,
-                    tasks,
-                    out_dir / "networks" / safe_name(name),
-                    name,
-                    data,
-                    progress=progress,
-                )
-        served = serve_tasks(grouping, networks, registry)
-        frames = [
-            pd.read_csv(n.out_dir / "metrics.csv")
-            for n in networks.values()
-            if (n.out_dir / "metrics.csv").exists()
-        ]
-        metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        cfg = resolve_pretrained(cfg)
         if dist_info.is_main:
-            served.to_csv(out_dir / "served.csv", index=False)
-            metrics.to_csv(out_dir / "metrics.csv", index=False)
-        return RunResult(grouping, networks, served, metrics)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+            write_run_files(out_dir, cfg, grouping, changes)
+        handler = _log_to(out_dir / "log.txt") if dist_info.is_main else logging.NullHandler()
+        try:
+            if changes:
+                log.info(
+                    "config changed (%s): %s; recorded in %s",
+                    RESUME_FLAG,
+                    describe_changes(changes),
+                    CONFIG_HISTORY,
+                )
+            return _train_networks(
+                cfg, grouping, out_dir, registry, console, resume_with_changes, dist_info.is_main
+            )
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _train_networks(
+    cfg: RunConfig,
+    grouping: Grouping,
+    out_dir: Path,
+    registry: TaskRegistry,
+    console: Console | None,
+    resume_with_changes: bool,
+    main: bool,
+) -> RunResult:
+    """The part of :func:`train_grouping` that runs with the folder locked and its files written."""
+    data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
+    log.info(
+        "data: %s (networks chosen on the %s; %s)",
+        data.root,
+        data.val_source,
+        f"reported on the {data.test_source} too" if data.test_source else "no test split",
+    )
+    networks: dict[str, NetworkResult] = {}
+    progress = ProgressCallback.make_progress(console)
+    with progress:
+        for name, tasks in grouping.groups.items():
+            networks[name] = train_network(
+                cfg,
+                registry,
+                tasks,
+                out_dir / "networks" / safe_name(name),
+                name,
+                data,
+                progress=progress,
+                resume_with_changes=resume_with_changes,
+            )
+    served = serve_tasks(grouping, networks, registry)
+    frames = [
+        pd.read_csv(n.out_dir / "metrics.csv")
+        for n in networks.values()
+        if (n.out_dir / "metrics.csv").exists()
+    ]
+    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if main:
+        atomic_write_text(out_dir / "served.csv", served.to_csv(index=False))
+        atomic_write_text(out_dir / "metrics.csv", metrics.to_csv(index=False))
+    return RunResult(grouping, networks, served, metrics)
