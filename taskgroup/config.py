@@ -168,7 +168,9 @@ def to_mapping(config: Any) -> Any:
     """The plain (YAML-writable) form of a config, for saving the resolved config of a run.
 
     Passwords of URLs (a PostgreSQL storage) are masked (:func:`hide_password`): the plain form
-    is what is written to files and job queues, never a secret."""
+    is what is written to files and job queues, never a secret. So a config read back from it
+    (:func:`from_mapping`) holds no password: a worker takes its storage from ``--storage`` or
+    ``TASKGROUP_STORAGE``, never from the queued config."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return {
             f.name: to_mapping(getattr(config, f.name))
@@ -192,29 +194,27 @@ def to_mapping(config: Any) -> Any:
 # Storage URLs (the Optuna RDB storages of the job queues and searches)
 
 #: a URL with a password in its user part (``scheme://user:password@host...``), also inside text
-_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:\"']*:[^\s@\"']*@[^\s\"']*")
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:\"']*:[^\s\"']*@[^\s\"'@]*")
+#: a password given as a query parameter (``...?password=secret``, as libpq accepts)
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&\s\"']*", re.IGNORECASE)
 
 
 def hide_password(text: str) -> str:
     """``text`` with the password of every URL in it masked (``postgresql://user:***@host/db``,
-    SQLAlchemy's rendering), for what is shown or stored; anything else unchanged."""
-    if "://" not in text or "@" not in text:
+    as SQLAlchemy renders it, and ``?password=***``), for what is shown or stored; anything
+    else unchanged."""
+    if "://" not in text or ("@" not in text and "password=" not in text.lower()):
         return text
 
     def masked(match: re.Match[str]) -> str:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
+        # by hand rather than SQLAlchemy's render_as_string(hide_password=True): a password may
+        # hold "@" (the host starts after the last one), and text that is not a URL SQLAlchemy
+        # reads must be masked all the same
+        scheme, _, rest = match.group(0).partition("://")
+        credentials, _, host = rest.rpartition("@")
+        return f"{scheme}://{credentials.partition(':')[0]}:***@{host}"
 
-        url = match.group(0).rstrip(".,;:)]}")  # the punctuation of a sentence is not the URL's
-        tail = match.group(0)[len(url) :]
-        try:
-            return make_url(url).render_as_string(hide_password=True) + tail
-        except (ArgumentError, ValueError):  # not a URL SQLAlchemy reads: mask it all the same
-            scheme, _, rest = url.partition("://")
-            user, _, host = rest.partition("@")
-            return f"{scheme}://{user.partition(':')[0]}:***@{host}{tail}"
-
-    return _URL_WITH_PASSWORD.sub(masked, text)
+    return _PASSWORD_PARAMETER.sub(r"\1***", _URL_WITH_PASSWORD.sub(masked, text))
 
 
 #: PostgreSQL drivers SQLAlchemy has a dialect for, the declared one (``[postgres]``) first

@@ -6,15 +6,18 @@ folder, fsync, ``os.replace``), so a kill or a full disk leaves the previous fil
 the error names the file and the reason. Checkpoints hold only tensors, numbers, strings and
 lists, tuples and dicts of them (:func:`encode_state` turns numpy arrays into tensors), and are
 read with ``torch.load(weights_only=True)`` (:func:`load_state`), which refuses any file that
-would run code when unpickled. A run folder is written by one process at a time
-(:func:`lock_folder`).
+would run code when unpickled; a checkpoint of an older taskgroup (numpy arrays pickled as
+such) is read with numpy's array constructors allowed and nothing else, and rewritten in the
+new form. A run folder is written by one process at a time (:func:`lock_folder`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import json
+import logging
 import os
 import pickle
 import re
@@ -30,6 +33,8 @@ import torch
 from filelock import FileLock, Timeout
 
 from taskgroup.errors import TaskgroupError
+
+log = logging.getLogger("taskgroup")
 
 # Several processes sharing one machine (parallel test workers, several runs side by side) cap
 # each one's torch threads with this variable; it wins over a config's ``train.threads``.
@@ -53,6 +58,16 @@ class CheckpointError(TaskgroupError):
 
 class FolderLocked(TaskgroupError):
     """Another process holds the lock of a folder it writes."""
+
+
+class LockUnavailable(TaskgroupError):
+    """A folder's file system cannot lock files (no ``flock``), so it cannot be locked safely."""
+
+
+def timestamp() -> str:
+    """Now, in local time with its offset, to the second (``2026-12-03T20:01:27+00:00``): the
+    time of a lock's holder, of a config change."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -173,20 +188,49 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_TEMPORARY_PID = re.compile(r"\.(\d+)\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def remove_temporaries(folder: Path) -> None:
-    """Remove the temporary files of writes that a killed process left in ``folder`` (the caller
-    is the folder's only writer)."""
+    """Remove the temporary files of writes that a killed process left in ``folder``. The caller
+    holds the folder's lock (:func:`lock_folder`), so no other taskgroup process writes there;
+    even so a temporary file of a live process of this machine (its pid is in the name) is left
+    alone, only those of this process and of processes that are gone are removed."""
     for tmp in Path(folder).glob(".*.tmp"):
+        found = _TEMPORARY_PID.search(tmp.name)
+        pid = int(found.group(1)) if found else None
+        if pid is not None and pid != os.getpid() and _process_alive(pid):
+            continue
         with contextlib.suppress(OSError):
             tmp.unlink()
 
 
 # -- checkpoints that load without running code ------------------------------------------------
+#: the mappings ``torch.load(weights_only=True)`` reads back (a model's ``state_dict`` is an
+#: ``OrderedDict`` with ``_metadata``); any other mapping is written as a plain dict
+_LOADABLE_MAPPINGS = (dict, collections.OrderedDict)
+
+
 def encode_state(state: Any, where: str = "state") -> Any:
     """``state`` with every numpy array and scalar as a tagged tensor, so that ``torch.load``
     reads it with ``weights_only=True``; anything that is not a tensor, number, string, bytes,
-    None, or a list, tuple or dict of those is an error naming where it is. Containers without
-    numpy values are returned as they are (a model's ``state_dict`` keeps its ``_metadata``)."""
+    None, or a list, tuple or mapping of those is an error naming where it is. Every mapping
+    that is not a dict or an OrderedDict (a defaultdict, a Counter, a mapping proxy) becomes a
+    plain dict, and every subclass of list or tuple (a named tuple) a plain list or tuple: their
+    classes are globals that ``weights_only`` refuses. Containers of plain types without numpy
+    values are returned as they are (a model's ``state_dict`` keeps its ``_metadata``)."""
     if isinstance(state, np.ndarray | np.generic):  # before float: np.float64 is a float
         array = np.asarray(state)
         if array.dtype.kind not in "biufc":
@@ -199,10 +243,11 @@ def encode_state(state: Any, where: str = "state") -> Any:
         if NUMPY_TAG in state:
             raise TypeError(f"{where}: the key {NUMPY_TAG!r} is reserved")
         items = {k: encode_state(v, f"{where}/{k}") for k, v in state.items()}
-        return state if all(items[k] is v for k, v in state.items()) else dict(items)
+        unchanged = all(items[k] is v for k, v in state.items())
+        return state if unchanged and type(state) in _LOADABLE_MAPPINGS else dict(items)
     if isinstance(state, list | tuple):
         values = [encode_state(v, f"{where}/{i}") for i, v in enumerate(state)]
-        if all(a is b for a, b in zip(values, state, strict=True)):
+        if type(state) in (list, tuple) and all(a is b for a, b in zip(values, state, strict=True)):
             return state
         return tuple(values) if isinstance(state, tuple) else values
     raise TypeError(
@@ -238,19 +283,92 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def _refusal(error: pickle.UnpicklingError) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\s*\n|$)", str(error), re.S)
+    return " ".join(found.group(1).split()) if found else "not a checkpoint"
+
+
+def _numpy_globals() -> list[Any]:
+    """What a checkpoint of an older taskgroup needs besides tensors and plain containers: numpy
+    arrays (``np.random.get_state()``'s state, probe values) and scalars, pickled as numpy
+    pickles them (``_reconstruct``, ``ndarray``, ``dtype``, ``scalar``, under their numpy 1 and 2
+    names, and the classes of the numeric dtypes). None of these runs code: they build an
+    array, a dtype or a scalar from its bytes."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+
+    found = []
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        found += [
+            (multiarray._reconstruct, f"{module}._reconstruct"),
+            (multiarray.scalar, f"{module}.scalar"),
+        ]
+    # a pickled dtype is built (its state set) as an instance of its class: these classes
+    # (numpy.dtypes.Float64DType...) of the numeric dtypes only, booleans to complex numbers; an
+    # array of python objects (ObjectDType) stays refused
+    dtypes = list(dict.fromkeys(type(np.dtype(code)) for code in NUMERIC_DTYPE_CODES))
+    return [*found, (np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype"), *dtypes]
+
+
+#: the numpy type codes of the values a checkpoint holds: bool, (unsigned) integers, floats, complex
+NUMERIC_DTYPE_CODES = "?bBhHiIlLqQefdFD"
+
+
+def _old_format(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` file whose only globals beyond ``weights_only``'s are
+    numpy's array and scalar constructors (a checkpoint written before :func:`encode_state`):
+    its pickle is inspected, never run."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a bare pickle, a truncated file: nothing to migrate
+        return False
+    allowed = {g[1] for g in _numpy_globals() if isinstance(g, tuple)}
+    return bool(unsafe) and set(unsafe) <= allowed
+
+
+def _migrate(path: Path, map_location: Any) -> Any:
+    """Read a checkpoint of an older taskgroup (see :func:`_old_format`) with numpy's array
+    constructors allowed and nothing else, check that it holds only what :func:`encode_state`
+    writes, and rewrite it in the new form (kept as it is if it cannot be written)."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        encode_state(state)  # what a checkpoint holds: e.g. no array of python objects
+    except OSError:
+        raise
+    except Exception as exc:
+        reason = _refusal(exc) if isinstance(exc, pickle.UnpicklingError) else _first_line(exc)
+        raise CheckpointError(
+            f"{path}: refused to load: a checkpoint of an older taskgroup holds only tensors, numpy "
+            f"arrays of numbers and plain containers ({reason}); delete it to compute what it held again"
+        ) from None
+    try:
+        save_state(state, path)
+        log.info("%s: rewritten in the checkpoint format of this taskgroup (numpy values as tensors)", path)
+    except (WriteError, OSError) as exc:
+        log.warning("%s: read in its older format, but not rewritten (%s)", path, exc)
+    return state
+
+
 def load_state(path: str | Path, map_location: Any = "cpu") -> Any:
     """Read a checkpoint written by :func:`save_state` (or a plain ``torch.save`` of tensors)
     with ``weights_only=True``: a file that would import anything else, i.e. could run code when
     unpickled, is refused with a :class:`CheckpointError` naming it, as is a file that is not a
-    checkpoint at all."""
+    checkpoint at all. The one exception: a checkpoint of an older taskgroup, whose numpy arrays
+    and scalars were pickled as such, is read with numpy's array and scalar constructors allowed
+    (and nothing else) and rewritten in the new form, so an interrupted run keeps its progress."""
     path = Path(path)
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning adds nothing here
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\s*\n|$)", str(exc), re.S)
-        reason = " ".join(found.group(1).split()) if found else "not a checkpoint"
+        if _old_format(path):
+            return decode_state(_migrate(path, map_location))
+        reason = _refusal(exc)
         raise CheckpointError(
             f"{path}: refused to load: it holds more than tensors and plain containers, and "
             f"unpickling it could run code ({reason}). taskgroup never writes such a file: if it "
@@ -294,10 +412,17 @@ def _holder(folder: Path) -> str:
 def lock_folder(folder: str | Path) -> Iterator[None]:
     """Hold ``folder``'s lock while writing it: a second process fails at once with a
     :class:`FolderLocked` naming the holder (pid, host, start, in ``.taskgroup.lock.json``) instead
-    of writing the same files. The operating system frees the lock when its holder dies."""
+    of writing the same files. The operating system frees the lock when its holder dies.
+
+    The lock is an ``flock`` lock on ``.taskgroup.lock``, never a "soft" lock (a file whose mere
+    presence locks, which a ``kill -9`` would leave behind for every later run to trip on): a
+    file system without ``flock`` (some FUSE and SMB mounts, NFS without its lock service, which
+    is also the limit across machines: NFS locks hold between clients only when every client
+    mounts with locking and the server runs ``lockd``) is a :class:`LockUnavailable` naming the
+    folder and the reason; write the run to a local disk then."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / LOCK_NAME))
+    lock = FileLock(str(folder / LOCK_NAME), fallback_to_soft=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -306,10 +431,15 @@ def lock_folder(folder: str | Path) -> Iterator[None]:
             "processes writing one folder would both train everything: wait for it to end, or "
             "write somewhere else"
         ) from None
+    except OSError as exc:
+        raise LockUnavailable(
+            f"{folder}: cannot be locked ({_reason(exc)}): its file system does not lock files "
+            "(flock), so two processes could write it at once; write it to a local disk (NFS: "
+            "only with its lock service)"
+        ) from None
     holder = folder / HOLDER_NAME
     try:
-        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "argv": sys.argv}
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": timestamp(), "argv": sys.argv}
         atomic_write_text(holder, json.dumps(record, indent=1))
         yield
     finally:

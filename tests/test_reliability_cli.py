@@ -107,6 +107,17 @@ def test_hide_password_masks_urls_alone_and_in_text():
         assert hide_password(plain) == plain
 
 
+def test_hide_password_masks_a_password_with_an_at_sign_and_a_password_parameter():
+    # the host starts after the last "@" of the authority (SQLAlchemy's rendering kept "ss@h")
+    assert hide_password("postgresql://u:p@ss@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert hide_password("postgresql://u@h/db?sslmode=require&password=s3cr3t&x=1") == (
+        "postgresql://u@h/db?sslmode=require&password=***&x=1"
+    )
+    assert hide_password("postgresql://u:pw@h/db, mail user@example.com") == (
+        "postgresql://u:***@h/db, mail user@example.com"
+    )
+
+
 def test_resolved_config_masks_the_password_but_keeps_it_to_connect():
     storages = [f"{section}.storage={UNREACHABLE}" for section in ("affinity", "search", "compare")]
     cfg = load_run_config(TINY, storages)

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from taskgroup.runtime import atomic_write_bytes, atomic_write_text, save_state
+from taskgroup.runtime import atomic_write_bytes, atomic_write_text
 from taskgroup.training.engine import Callback, Engine, StepOutput
 
 log = logging.getLogger("taskgroup")
@@ -27,7 +27,8 @@ class EvaluationCallback(Callback):
     """Evaluates every ``every`` steps and at the last step; appends tidy rows (network, task,
     step, split, metric, value) to ``metrics.csv``; keeps, per task, the best step on the task's
     primary *validation* metric and the weights of that step (one file per step that is best for
-    at least one task, deleted when no task points to it any more).
+    at least one task, deleted when no task points to it any more; weights holding a NaN or an
+    infinite value are never written: :class:`~taskgroup.training.engine.TrainingDiverged`).
 
     When the data has a held-out test split, every evaluation scores it too (rows with split
     "test"), so each task's test metrics at the step chosen on validation are known: ``best``
@@ -76,7 +77,7 @@ class EvaluationCallback(Callback):
                         writer.writerow([engine.name, task, step, split, metric, value])
             old = file.read_bytes() if file.exists() else b""
             atomic_write_bytes(file, old + text.getvalue().encode("utf-8"))
-        improved = []
+        improved = {}
         for task, values in scores.items():
             primary = engine.tasks[task].primary_metric
             value = values[primary.name]
@@ -85,14 +86,15 @@ class EvaluationCallback(Callback):
                 value > old["value"] if primary.higher_is_better else value < old["value"]
             )
             if better:
-                self.best[task] = {"step": step, "value": value, "metrics": values}
+                improved[task] = {"step": step, "value": value, "metrics": values}
                 if "test" in splits:  # reported beside the choice, never part of it
                     test = splits["test"][task]
-                    self.best[task].update(test_value=test[primary.name], test_metrics=test)
-                improved.append(task)
-        if improved and engine.dist.is_main:
-            save_state(engine.model.state_dict(), self.best_dir(engine) / f"step_{step}.pt")
-            self._remove_unreferenced(engine)
+                    improved[task].update(test_value=test[primary.name], test_metrics=test)
+        if improved:  # every rank (they score alike): weights that are not finite stop them all
+            engine.save_checked(engine.model.state_dict(), self.best_dir(engine) / f"step_{step}.pt", step)
+            self.best.update(improved)
+            if engine.dist.is_main:
+                self._remove_unreferenced(engine)
         log.info(
             "network %s step %d: %s",
             engine.name,

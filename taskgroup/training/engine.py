@@ -15,9 +15,17 @@ as one never interrupted. Checkpoints hold tensors and plain containers only and
 A non-finite loss, or a non-finite gradient norm (found before the optimiser applies it), stops
 the run: the state at the start of the failing step (weights before its update, sampler and
 random generators before its draw) is saved as the last checkpoint, the failure goes to the log,
-and the message says how to resume with lower learning rates (``--resume-with-changes``; a
-resumed run takes the configured learning rates over the checkpoint's). No checkpoint is ever
-written with a non-finite tensor.
+and the message says how to go on with lower learning rates: in a run folder of ``taskgroup
+train`` (``resumable``) by resuming from that state with ``--resume-with-changes`` (a resumed
+run takes the configured learning rates over the checkpoint's); elsewhere (affinity probes,
+compare and affinity workers, the pretext run) by rerunning with other rates, whose networks
+live in another folder (its name hashes the rates) and start afresh. No checkpoint (last or
+best) is ever written with a non-finite tensor.
+
+Under several processes every such decision is taken by all ranks together: a loss that is not
+finite on one rank's shard stops every rank at the same step, and a checkpoint that rank 0
+refuses or fails to write makes every rank raise, instead of leaving the others waiting at the
+next collective.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -43,10 +52,10 @@ from taskgroup.evaluation import update_metric
 from taskgroup.losses import task_loss
 from taskgroup.metrics import build_task_metric
 from taskgroup.models import M2DINO, decode_outputs
-from taskgroup.runtime import load_state, non_finite, remove_temporaries, save_state
+from taskgroup.runtime import WriteError, load_state, non_finite, remove_temporaries, save_state
 from taskgroup.tasks import TaskSpec
 from taskgroup.training.data import TrainingData
-from taskgroup.training.distributed import DistInfo, barrier
+from taskgroup.training.distributed import DistInfo
 
 log = logging.getLogger("taskgroup")
 
@@ -59,6 +68,10 @@ class TrainingDiverged(TaskgroupError):
         self.step = step
         self.task = task
         self.quantity = quantity  # "loss", "gradient norm" or "state"
+
+
+#: what rank 0 tells the other ranks of a checkpoint it was to write (see ``Engine.save_checked``)
+_SAVED, _NOT_FINITE, _NOT_WRITTEN = 0, 1, 2
 
 
 @dataclasses.dataclass
@@ -121,8 +134,12 @@ class Engine:
         callbacks: Sequence[Callback] = (),
         device: torch.device | None = None,
         dist_info: DistInfo | None = None,
+        resumable: bool = False,
     ) -> None:
         self.dist = dist_info or DistInfo()
+        # whether a divergence is resumed from its saved state with --resume-with-changes (a run
+        # folder of ``taskgroup train``), or by rerunning with other rates into a new folder
+        self.resumable = resumable
         self.model = model
         self.data = data
         self.tasks = {t.id: t for t in tasks}
@@ -188,28 +205,91 @@ class Engine:
         """Write the whole state (``state``, default the current one) atomically: a kill or a full
         disk mid-write leaves the previous file. A state with a non-finite tensor is never
         written (:class:`TrainingDiverged`, the previous file kept). Only rank 0 writes, the
-        others wait for it."""
+        others wait for it (see :meth:`save_checked`)."""
         path = path or self.last_checkpoint
         state = state if state is not None else self.state_dict()
-        if self.dist.is_main:
-            bad = non_finite({k: state[k] for k in ("model", "optimiser")})
-            if bad:
-                raise TrainingDiverged(
-                    f"network {self.name}: not saving {path} at step {state['step']}: "
-                    f"{len(bad)} tensor(s) are not finite ({', '.join(bad[:3])}); {self._kept(path)}",
-                    step=int(state["step"]),
-                    quantity="state",
-                )
-            save_state(state, path)
-        barrier(self.dist)
+        self.save_checked(state, path, int(state["step"]), {k: state[k] for k in ("model", "optimiser")})
         if path == self.last_checkpoint:
             self.saved_step = int(state["step"])
         return path
 
-    def _kept(self, path: Path) -> str:
-        if self.saved_step is None or not path.exists():
+    def save_checked(self, state: Any, path: Path, step: int, checked: Any = None) -> None:
+        """Write ``state`` to ``path`` on rank 0 unless ``checked`` (default ``state``) holds a
+        non-finite tensor: then :class:`TrainingDiverged` (nothing written, the previous file
+        kept). Every rank calls it: under several processes rank 0 tells the others whether the
+        file was written, and all raise together when it was not (a :class:`TrainingDiverged`,
+        or on the others a :class:`WriteError` for rank 0's failed write), so none is left
+        waiting for the others; in one process an error is raised as it comes."""
+        if not self.dist.enabled:
+            self._write_state(state, path, step, checked)
+            return
+        error: BaseException | None = None
+        outcome = _SAVED
+        if self.dist.is_main:
+            try:
+                self._write_state(state, path, step, checked)
+            except TrainingDiverged as exc:
+                error, outcome = exc, _NOT_FINITE
+            except Exception as exc:
+                error, outcome = exc, _NOT_WRITTEN
+        outcome = self._reduce_max(outcome)  # also the barrier: the file is written when it returns
+        if error is not None:
+            raise error
+        if outcome == _NOT_FINITE:
+            raise TrainingDiverged(
+                f"network {self.name}: rank 0 did not save {path} at step {step}: tensors are not "
+                f"finite; {self._kept()}",
+                step=step,
+                quantity="state",
+            )
+        if outcome == _NOT_WRITTEN:
+            raise WriteError(f"network {self.name}: rank 0 could not write {path} at step {step}")
+
+    def _write_state(self, state: Any, path: Path, step: int, checked: Any) -> None:
+        bad = non_finite(state if checked is None else checked)
+        if bad:
+            raise TrainingDiverged(
+                f"network {self.name}: not saving {path} at step {step}: {len(bad)} tensor(s) are "
+                f"not finite ({', '.join(bad[:3])}); {self._kept()}. {self.advice()}",
+                step=step,
+                quantity="state",
+            )
+        save_state(state, path)
+
+    def _reduce_max(self, value: int) -> int:
+        """The largest of every rank's ``value`` (a collective: every rank calls it)."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank, the same answer on every rank (one process:
+        ``flag``)."""
+        return self._reduce_max(int(flag)) > 0 if self.dist.enabled else flag
+
+    def _kept(self) -> str:
+        last = self.last_checkpoint
+        if self.saved_step is None or not last.exists():
             return "no checkpoint of this network was written before"
-        return f"{path} keeps the state of step {self.saved_step}"
+        return f"{last} keeps the state of step {self.saved_step}"
+
+    def advice(self) -> str:
+        """How to go on after a divergence with learning rates ten times lower (see the module
+        doc: a run folder resumes from the saved state, other networks start afresh)."""
+        lr_encoder, lr_heads = self.cfg.lr_encoder / 10, self.cfg.lr_heads / 10
+        rates = f"--set train.lr_encoder={lr_encoder:g} --set train.lr_heads={lr_heads:g}"
+        if self.resumable:
+            return (
+                f"To resume from it with lower learning rates, run the same command again with "
+                f"--resume-with-changes {rates} (other values work too; the change is recorded in "
+                "the run's config_history.yaml)"
+            )
+        return (
+            f"To train with lower learning rates, run the same command again with {rates} (other "
+            "values work too): this network's folder is named by a hash of its config, rates "
+            "included, so the new rates train a new network from the start (only a run folder of "
+            "`taskgroup train` resumes a diverged network, with --resume-with-changes)"
+        )
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_state(path, map_location=self.device)
@@ -318,8 +398,9 @@ class Engine:
         with self.autocast():
             loss = self.loss(task, self.network(self.images(batch), task), batch)
             total = self.cfg.loss_weights.get(task, 1.0) * loss + self.model.aux_loss()
-        if not torch.isfinite(total):
-            self.diverged(task, "loss", total.item())
+        finite = bool(torch.isfinite(total))
+        if self._any_rank(not finite):  # every rank stops, not only the one whose shard diverged
+            self.diverged(task, "loss", total.item() if not finite else "not finite on another rank")
         self.optimiser.zero_grad(set_to_none=True)
         total.backward()
         parameters = [p for p in self.model.parameters() if p.grad is not None]
@@ -334,7 +415,7 @@ class Engine:
         self.step += 1
         return StepOutput(self.step, {task: batch}, {task: float(loss.detach())}, float(total.detach()))
 
-    def diverged(self, task: str, quantity: str, value: float) -> None:
+    def diverged(self, task: str, quantity: str, value: float | str) -> None:
         """Save the state at the start of this step (the weights before its update) as the last
         checkpoint, log the failure and raise :class:`TrainingDiverged` saying how to resume."""
         step = self.step
@@ -344,14 +425,8 @@ class Engine:
             path = self.save_checkpoint(state=state)
             where = f"the last good state is saved in {path} (step {step}, before the update of this step)"
         except TrainingDiverged:  # the weights were no longer finite: the previous file stays
-            where = f"the weights are no longer finite: {self._kept(self.last_checkpoint)}"
-        lr_encoder, lr_heads = self.cfg.lr_encoder / 10, self.cfg.lr_heads / 10
-        message = (
-            f"{what}; {where}. To resume from it with lower learning rates, run the same command "
-            f"again with --resume-with-changes --set train.lr_encoder={lr_encoder:g} "
-            f"--set train.lr_heads={lr_heads:g} (other values work too; the change is recorded in "
-            "the run's config_history.yaml)"
-        )
+            where = f"the weights are no longer finite: {self._kept()}"
+        message = f"{what}; {where}. {self.advice()}"
         log.error(message)
         raise TrainingDiverged(message, step=step, task=task, quantity=quantity)
 

@@ -9,23 +9,34 @@ holds::
 
     config.yaml  grouping.yaml  log.txt  metrics.csv  served.csv  [config_history.yaml]
     networks/<name>/  network.json  metrics.csv  best.json  done.json  checkpoints/{last.pt,best/}
+                      [reused.json]
 
 Finished networks are never retrained; an unfinished one resumes from its last checkpoint.
 
 A run folder belongs to one config and one grouping: a run into a folder that holds another is
-refused before any file is touched, with the differences. The one exception is explicit: with
-``resume_with_changes`` (``taskgroup train --resume-with-changes``) the learning rates may differ,
-the recovery from a divergence (the engine saved the state before it); the change is logged and
-recorded in ``config_history.yaml`` and in each ``network.json``. One process writes a run folder
-at a time (a lock beside its files; a second one is refused, naming the holder). Every file is
-written atomically (:mod:`taskgroup.runtime`).
+refused before any file is touched, with the differences. What is compared is what the networks
+depend on (:func:`network_config`: model, data, training, registry), less what says only where
+or how a run computes or what it reports (:data:`LOCAL_KEYS`: ``train.threads``,
+``train.device``, ``data.skip_bad``, ``data.bad_report``): a run resumed with other threads, on
+another device, or with ``--skip-bad`` after its data was refused, goes on. ``config.yaml`` and
+``grouping.yaml`` are written once the data has loaded, so a first attempt refused for bad rows
+leaves no config behind (the recovery: fix the data, or the same command with ``--skip-bad``).
+
+The one exception is explicit: with ``resume_with_changes`` (``taskgroup train
+--resume-with-changes``) the learning rates may differ, the recovery from a divergence (the
+engine saved the state before it); the change is logged and recorded in ``config_history.yaml``
+and in the ``network.json`` of each unfinished network, which continues with the new rates. A
+finished network is not retrained and keeps its ``network.json`` (the config it was trained
+with); the later config its results are reused under goes to its ``reused.json`` (and the
+network is named in the run's history entry). One process writes a run folder at a time (a lock
+beside its files; a second one is refused, naming the holder), and each network folder too.
+Every file is written atomically (:mod:`taskgroup.runtime`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -43,11 +54,11 @@ from taskgroup.config import RunConfig, config_hash, load_run_config, to_mapping
 from taskgroup.errors import ConfigError, TaskgroupError
 from taskgroup.groupings import Grouping
 from taskgroup.models import build_model
-from taskgroup.runtime import atomic_write_text, configure_cpu, lock_folder
+from taskgroup.runtime import atomic_write_text, configure_cpu, lock_folder, timestamp
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training.callbacks import CheckpointCallback, EvaluationCallback, ProgressCallback
 from taskgroup.training.data import TrainingData, prepare_data
-from taskgroup.training.distributed import barrier, init_distributed
+from taskgroup.training.distributed import DistInfo, barrier, init_distributed
 from taskgroup.training.engine import Callback, Engine
 
 log = logging.getLogger("taskgroup")
@@ -57,7 +68,13 @@ NETWORK_SECTIONS = ("model", "data", "train", "registry")
 
 #: the config keys ``resume_with_changes`` lets differ from what a run folder holds
 RESUMABLE_KEYS = ("train.lr_encoder", "train.lr_heads")
+#: config keys a run or network folder may see changed: where or how it computes (threads, the
+#: device), and which rows are left out and where they are listed (``skip_bad`` is the recovery
+#: from a run refused for bad rows; on clean data it changes nothing)
+LOCAL_KEYS = ("train.threads", "train.device", "data.skip_bad", "data.bad_report")
 CONFIG_HISTORY = "config_history.yaml"
+#: beside a finished network's network.json: the later configs its results were reused under
+REUSED = "reused.json"
 RESUME_FLAG = "--resume-with-changes"
 
 
@@ -80,6 +97,17 @@ def describe_changes(changes: Mapping[str, tuple], limit: int = 6) -> str:
     shown = [f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:limit]]
     more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
     return ", ".join(shown) + more
+
+
+def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A network config mapping (:func:`network_config`, or one a folder holds) without the
+    :data:`LOCAL_KEYS`: what two runs must share to share a folder."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    for key in LOCAL_KEYS:
+        section, _, name = key.partition(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
 
 
 def refuse_changes(where: Path, what: str, changes: Mapping[str, tuple], resume_with_changes: bool) -> None:
@@ -106,8 +134,10 @@ def check_run_folder(
     out_dir: Path, cfg: RunConfig, grouping: Grouping, resume_with_changes: bool = False
 ) -> dict[str, tuple]:
     """Refuse, before anything is written, a run into a folder that holds another grouping or
-    another config (``cfg`` resolved as the folder's ``config.yaml`` is); returns the config
-    changes ``resume_with_changes`` allowed (learning rates), empty when nothing differs."""
+    another config (``cfg`` resolved as the folder's ``config.yaml`` is): another network config
+    (:func:`network_config`) but for the :data:`LOCAL_KEYS`, so neither a section training never
+    reads (affinity, compare, search) nor threads, device or bad-row handling count. Returns the
+    config changes ``resume_with_changes`` allowed (learning rates), empty when none differs."""
     grouping_file, config_file = out_dir / "grouping.yaml", out_dir / "config.yaml"
     if grouping_file.exists():
         found = yaml.safe_load(grouping_file.read_text()) or {}
@@ -128,7 +158,7 @@ def check_run_folder(
             f"{config_file}: not a run config of this version ({exc}); a run folder belongs to one "
             "config: use another --out"
         ) from None
-    changes = config_changes(to_mapping(found_cfg), to_mapping(cfg))
+    changes = config_changes(comparable(network_config(found_cfg)), comparable(network_config(cfg)))
     refuse_changes(out_dir, "a run", changes, resume_with_changes)
     return changes
 
@@ -138,23 +168,29 @@ def _describe_groups(groups: Mapping[str, list], limit: int = 4) -> str:
     return " ".join(shown) + (f" and {len(groups) - limit} more groups" if len(groups) > limit else "")
 
 
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
 def _history_entry(changes: Mapping[str, tuple]) -> dict[str, Any]:
-    return {"time": _now(), "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+    return {"time": timestamp(), "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+
+
+def finished_networks(out_dir: Path, grouping: Grouping) -> list[str]:
+    """The networks of ``grouping`` a run folder holds finished (``done.json``)."""
+    return [n for n in grouping.groups if (Path(out_dir) / "networks" / safe_name(n) / "done.json").exists()]
 
 
 def write_run_files(out_dir: Path, cfg: RunConfig, grouping: Grouping, changes: Mapping[str, tuple]) -> None:
     """``config.yaml`` and ``grouping.yaml`` of a new run folder; after allowed ``changes``, the
-    new ``config.yaml`` and one more entry of ``config_history.yaml`` (a folder that holds this
-    very config and grouping keeps its files as they are)."""
+    new ``config.yaml`` and one more entry of ``config_history.yaml``, naming the networks that
+    were finished before (their results stay those of the old config). A folder that holds this
+    config (but for :data:`LOCAL_KEYS`) and grouping keeps its files as they are."""
     config_file, grouping_file = out_dir / "config.yaml", out_dir / "grouping.yaml"
     if changes:
         history_file = out_dir / CONFIG_HISTORY
         history = (yaml.safe_load(history_file.read_text()) or []) if history_file.exists() else []
-        history.append(_history_entry(changes))
+        entry = _history_entry(changes)
+        finished = finished_networks(out_dir, grouping)
+        if finished:
+            entry["finished_before"] = finished  # not retrained: trained with the old config
+        history.append(entry)
         atomic_write_text(history_file, yaml.safe_dump(history, sort_keys=False))
     if changes or not config_file.exists():
         atomic_write_text(config_file, yaml.safe_dump(to_mapping(cfg), sort_keys=False))
@@ -212,12 +248,15 @@ def network_config(cfg: RunConfig) -> dict[str, Any]:
     (not the sections that only say what is measured, searched or compared around trainings).
     ``data.test_root`` is left out when unset: a network does not depend on it (the test split is
     only scored), and networks trained before it existed keep their hash and cached folders;
-    ``data.bad_report`` (a file name) always."""
+    ``data.bad_report`` (a file name) always. ``data.skip_bad`` is always written ``False``, its
+    default (the value every cached network folder was hashed with), so adding ``--skip-bad``
+    (on clean data it changes nothing) keeps every hash and cache."""
     config = {k: v for k, v in to_mapping(cfg).items() if k in NETWORK_SECTIONS}
     if config["data"].get("test_root") is None:
         config["data"] = {k: v for k, v in config["data"].items() if k != "test_root"}
     # where bad rows are listed says nothing about what a network learns
     config["data"] = {k: v for k, v in config["data"].items() if k != "bad_report"}
+    config["data"]["skip_bad"] = False
     return config
 
 
@@ -242,17 +281,42 @@ def train_network(
     callbacks: Sequence[Callback] = (),
     progress: Any = None,
     resume_with_changes: bool = False,
+    resumable: bool = False,
 ) -> NetworkResult:
-    """Train (or resume, or reuse) one network on ``tasks``. A folder that holds a network of
-    another config or task set is refused; with ``resume_with_changes``, one whose config
-    differs only in learning rates resumes with the new ones (see :func:`check_network_folder`)."""
+    """Train (or resume, or reuse) one network on ``tasks``. The folder is locked while it is
+    (one process trains a network folder at a time: a second one gets a
+    :class:`~taskgroup.runtime.FolderLocked`). A folder that holds a network of another config or
+    task set is refused; with ``resume_with_changes``, one whose config differs only in learning
+    rates resumes with the new ones (see :func:`check_network_folder`). ``resumable``: the
+    folder is a run folder's network, resumed after a divergence with ``--resume-with-changes``
+    (what the divergence message says; other folders are keyed by a hash of the rates)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist_info, device = init_distributed(cfg.train.device)
-    check_network_folder(out_dir, cfg, tasks, name, dist_info.is_main, resume_with_changes)
+    with lock_folder(out_dir) if dist_info.is_main else contextlib.nullcontext():
+        check_network_folder(out_dir, cfg, tasks, name, dist_info.is_main, resume_with_changes)
+        done = out_dir / "done.json"
+        if done.exists():
+            return NetworkResult(name, tuple(tasks), json.loads(done.read_text())["best"], out_dir)
+        engine_args = (dist_info, device, resumable)
+        return _train_network(cfg, registry, tasks, out_dir, name, data, callbacks, progress, *engine_args)
+
+
+def _train_network(
+    cfg: RunConfig,
+    registry: TaskRegistry,
+    tasks: Sequence[str],
+    out_dir: Path,
+    name: str,
+    data: TrainingData,
+    callbacks: Sequence[Callback],
+    progress: Any,
+    dist_info: DistInfo,
+    device: torch.device,
+    resumable: bool,
+) -> NetworkResult:
+    """:func:`train_network` of an unfinished network, with its folder locked and checked."""
     done = out_dir / "done.json"
-    if done.exists():
-        return NetworkResult(name, tuple(tasks), json.loads(done.read_text())["best"], out_dir)
     specs = [registry[t] for t in tasks]
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, specs)
@@ -263,7 +327,9 @@ def train_network(
         CheckpointCallback(cfg.train.checkpoint_every),
         ProgressCallback(progress),
     ]
-    engine = Engine(model, data, specs, cfg.train, cfg.data, out_dir, name, all_callbacks, device, dist_info)
+    engine = Engine(
+        model, data, specs, cfg.train, cfg.data, out_dir, name, all_callbacks, device, dist_info, resumable
+    )
     engine.run()
     if dist_info.is_main:
         atomic_write_text(done, json.dumps({"best": evaluation.best, "steps": engine.total_steps}, indent=1))
@@ -280,8 +346,11 @@ def check_network_folder(
     resume_with_changes: bool = False,
 ) -> None:
     """``network.json`` of a network folder: written when new (the hash of what the network
-    depends on, and that config); a folder of another network is refused. Allowed learning-rate
-    changes (``resume_with_changes``) take the new hash and are appended to its ``history``."""
+    depends on, and that config); a folder of another network is refused (differences in
+    :data:`LOCAL_KEYS` do not count). Allowed learning-rate changes (``resume_with_changes``) of
+    an unfinished network take the new hash and are appended to its ``history``; a finished
+    network keeps its ``network.json`` (it was trained with the old rates) and the change goes to
+    its ``reused.json``, whose configs it is then reused under without the flag."""
     key = network_hash(cfg, tasks)
     meta = out_dir / "network.json"
     record = {"name": name, "tasks": list(tasks), "hash": key, "config": network_config(cfg)}
@@ -290,24 +359,40 @@ def check_network_folder(
             atomic_write_text(meta, json.dumps(record, indent=1))
         return
     found = json.loads(meta.read_text())
-    if found.get("hash") == key:
+    reused_file = out_dir / REUSED
+    reused = json.loads(reused_file.read_text()) if reused_file.exists() else []
+    current = comparable(record["config"])
+    if found.get("hash") == key or any(not config_changes(comparable(r["config"]), current) for r in reused):
         return
     if sorted(found.get("tasks", [])) != sorted(tasks) or "config" not in found:
         unknown = "" if "config" in found else " (its network.json, older, does not say which config)"
         raise ConfigError(
             f"{out_dir} holds a network trained with another config or task set{unknown}; use another --out"
         )
-    changes = config_changes(found["config"], network_config(cfg))
+    changes = config_changes(comparable(found["config"]), current)
     refuse_changes(out_dir, "a network", changes, resume_with_changes)
-    if write:
+    if not changes:  # only threads, device or bad-row handling differ
+        return
+    finished = (out_dir / "done.json").exists()
+    if write and finished:
+        entry = {
+            **_history_entry(changes),
+            "hash": key,
+            "trained_with": found["hash"],
+            "config": record["config"],
+        }
+        atomic_write_text(reused_file, json.dumps([*reused, entry], indent=1))
+    elif write:
         record["history"] = [*found.get("history", []), {**_history_entry(changes), "hash": found["hash"]}]
         atomic_write_text(meta, json.dumps(record, indent=1))
-    finished = (
-        " (finished before: its results stay those of the old config)"
-        if (out_dir / "done.json").exists()
-        else ""
+    log.info(
+        "network %s: config changed (%s)%s",
+        name,
+        describe_changes(changes),
+        f" (finished before: not retrained, its results stay those of the old config; see {reused_file})"
+        if finished
+        else "",
     )
-    log.info("network %s: config changed (%s)%s", name, describe_changes(changes), finished)
 
 
 def serve_tasks(
@@ -379,10 +464,12 @@ def train_grouping(
             out_dir, resolve_pretrained(cfg, build=False), grouping, resume_with_changes
         )
         cfg = resolve_pretrained(cfg)
-        if dist_info.is_main:
-            write_run_files(out_dir, cfg, grouping, changes)
         handler = _log_to(out_dir / "log.txt") if dist_info.is_main else logging.NullHandler()
         try:
+            data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
+            # only now: a run refused for its data leaves no config.yaml to block the fixed rerun
+            if dist_info.is_main:
+                write_run_files(out_dir, cfg, grouping, changes)
             if changes:
                 log.info(
                     "config changed (%s): %s; recorded in %s",
@@ -391,7 +478,7 @@ def train_grouping(
                     CONFIG_HISTORY,
                 )
             return _train_networks(
-                cfg, grouping, out_dir, registry, console, resume_with_changes, dist_info.is_main
+                cfg, grouping, out_dir, registry, data, console, resume_with_changes, dist_info.is_main
             )
         finally:
             log.removeHandler(handler)
@@ -403,12 +490,13 @@ def _train_networks(
     grouping: Grouping,
     out_dir: Path,
     registry: TaskRegistry,
+    data: TrainingData,
     console: Console | None,
     resume_with_changes: bool,
     main: bool,
 ) -> RunResult:
-    """The part of :func:`train_grouping` that runs with the folder locked and its files written."""
-    data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
+    """The part of :func:`train_grouping` that runs with the folder locked, its data loaded and
+    its files written."""
     log.info(
         "data: %s (networks chosen on the %s; %s)",
         data.root,
@@ -428,6 +516,7 @@ def _train_networks(
                 data,
                 progress=progress,
                 resume_with_changes=resume_with_changes,
+                resumable=True,
             )
     served = serve_tasks(grouping, networks, registry)
     frames = [
