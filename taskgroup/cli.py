@@ -27,8 +27,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from taskgroup.config import AFFINITY_METHODS, hide_password
-from taskgroup.data.fmuia import find_roots, load_index
+from taskgroup.config import AFFINITY_METHODS, DataConfig, hide_password
+from taskgroup.data.fmuia import find_roots, load_index, shown_path
 from taskgroup.data.submission import read_predictions
 from taskgroup.data.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, SCALES, generate
 from taskgroup.errors import TaskgroupError
@@ -297,12 +297,23 @@ def _bad_row_overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _record_dir() -> Path:
+    """The record of decoded files (see ``load_index``) of a command without a run config: the
+    one training keeps in the default ``data.cache_dir``, so validating a dataset once spares
+    every later command and training the decoding."""
+    from taskgroup.training.data import record_dir  # (imports the training package)
+
+    return record_dir(DataConfig())
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     registry = load_registry(args.registry)
     counts: dict[str, dict[str, int]] = {}
     if args.data is not None:
         for split, root in find_roots(args.data).items():
-            index = load_index(root, registry, skip_bad=args.skip_bad, report=_bad_report(args))
+            index = load_index(
+                root, registry, skip_bad=args.skip_bad, report=_bad_report(args), record_dir=_record_dir()
+            )
             counts[split] = index.counts()
             if index.bad_rows:
                 console.print(
@@ -376,7 +387,9 @@ def _fmt(value: float) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     registry = load_registry(args.registry)
-    index = load_index(args.gt, registry, skip_bad=args.skip_bad, report=_bad_report(args))
+    index = load_index(
+        args.gt, registry, skip_bad=args.skip_bad, report=_bad_report(args), record_dir=_record_dir()
+    )
     predictions = read_predictions(args.pred, index)
     result = evaluate_predictions(index, predictions, official_skip=args.official_skip)
     out = args.out or args.pred / "evaluation"
@@ -557,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except TaskgroupError as exc:
-        message = escape(hide_password(str(exc)))  # a storage URL's password is never shown
+        # a storage URL's password is never shown; a path that is not valid UTF-8 shows its bytes
+        message = escape(shown_path(hide_password(str(exc))))
         console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         return 2
 

@@ -354,6 +354,10 @@ class DataConfig:
     # the CSV file listing the bad rows of every split (None: the command's default, e.g.
     # RUN/bad_rows.csv); where a report goes, not what is trained
     bad_report: str | None = dataclasses.field(default=None, metadata=OMIT_DEFAULT)
+    # read image and mask paths that leave the root (absolute, or ``../`` past it); by default
+    # such a row is bad (see ``load_index``). Left out of the plain form while false, so configs
+    # that leave it unset keep their hashes and cached networks
+    allow_outside_root: bool = dataclasses.field(default=False, metadata=OMIT_DEFAULT)
     # the encoder behind ``model.backbone.pretrained: synthetic`` (see training/pretrain.py)
     pretext_images: int = 3000
     pretext_steps: int = 1500

@@ -88,9 +88,12 @@ def run_probes(
 ) -> tuple[list[AffinityProbe], dict[str, Any]]:
     """``affinity.runs`` multi-task trainings of ``tasks`` with the probes (seeds ``train.seed``,
     ``train.seed + 1``, ...; folders ``probe_run``, ``probe_run_1``, ...); each resumes, and a
-    finished one is reused."""
+    finished one is reused. The data is prepared once, by the first run that trains, and shared
+    by the others: the runs differ in ``train`` alone, and a training reads its data without
+    changing it (as the networks of a grouping share theirs)."""
     aff = cfg.affinity
     probes = []
+    data = None
     start = time.perf_counter()
     for run in range(aff.runs):
         train = dataclasses.replace(
@@ -125,7 +128,8 @@ def run_probes(
                     f"(asked by affinity.methods {list(aff.methods)}); measure into another --out"
                 )
         else:
-            data = prepare_data(run_cfg.data, registry, tasks, report_dir=out_dir)
+            if data is None:
+                data = prepare_data(cfg.data, registry, tasks, report_dir=out_dir)
             with ProgressCallback.make_progress(console) as progress:
                 train_network(run_cfg, registry, tasks, run_dir, "affinity", data, [probe], progress)
             save_state(probe.state_dict(), saved)

@@ -16,16 +16,34 @@ partition is its number of networks: encoders to train, store and run.
 
 The studies live on an RDB storage (a SQLite file by default, a PostgreSQL URL works the same):
 a search that is stopped resumes where it was, up to ``trials`` finished trials. Known
-partitions (from the graph methods) are enqueued first, so the search starts from them.
+partitions (from the graph methods) are enqueued first, so the search starts from them; on a
+resume, every start partition that no trial evaluated (and none waits to) is enqueued again, so
+that a kill never loses one (:func:`enqueue_start`).
+
+A study is run by one process at a time (:func:`owned_study`): on a SQLite file the process holds
+the study's lock (an ``flock`` lock beside the file, as :func:`taskgroup.runtime.lock_folder`
+locks a folder: a second process fails at once with a
+:class:`~taskgroup.runtime.FolderLocked` naming the holder), and fails the trials that a killed
+process left running, which would otherwise stay ``RUNNING`` forever. On a server storage
+(PostgreSQL), which no file lock covers, running trials are left as they are (their process may
+be alive on another machine); their start partitions are enqueued again all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
-from collections.abc import Sequence
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import optuna
+from filelock import FileLock, Timeout
 
 from taskgroup.grouping.partition import canonical_groups
 from taskgroup.grouping.predict import GainPredictor
@@ -65,6 +83,140 @@ class OptunaResult:
     pruned: int = 0  # trials stopped by the pruner (trained objective)
 
 
+def groups_of(trial: optuna.trial.FrozenTrial) -> tuple[tuple[str, ...], ...]:
+    """The (canonical) partition a trial evaluated."""
+    return tuple(tuple(g) for g in trial.user_attrs["groups"])
+
+
+def study_lock_path(storage: Any, study_name: str) -> Path | None:
+    """The lock file of a study on a SQLite file, beside it (``.<file>.<study>.lock``); None for
+    an in-memory study or another storage (a server's, which no file lock covers)."""
+    if not isinstance(storage, str):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(storage)
+    except Exception:  # not a URL: optuna says so when it opens it
+        return None
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    database = Path(url.database).expanduser().resolve()
+    name = re.sub(r"[^\w.-]", "_", study_name)
+    return database.parent / f".{database.name}.{name}.lock"
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        found = json.loads(path.with_name(path.name + ".json").read_text())
+        return f"pid {found['pid']} on {found['host']}, since {found['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unknown holder: see {path}"
+
+
+@contextlib.contextmanager
+def _study_lock(path: Path | None, study_name: str) -> Iterator[bool]:
+    """Hold a study's lock (yields whether it is held: False without a lock file, or on a file
+    system that cannot lock files, where the study runs unlocked, with a warning)."""
+    if path is None:
+        yield False
+        return
+    from taskgroup.runtime import FolderLocked, atomic_write_text, timestamp
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), fallback_to_soft=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FolderLocked(
+            f"study {study_name!r} is being run by another taskgroup process ({_lock_holder(path)}; "
+            f"lock {path}): two processes running one study would fail each other's trials; wait "
+            "for it to end, or search into another folder (--out) or storage"
+        ) from None
+    except OSError as exc:
+        log.warning(
+            "study %s: its lock %s cannot be taken (%s): the study runs unlocked, and trials left "
+            "running by a killed process stay so",
+            study_name,
+            path,
+            exc.strerror or exc,
+        )
+        yield False
+        return
+    holder = path.with_name(path.name + ".json")
+    try:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": timestamp()}
+        with contextlib.suppress(OSError):  # only the message of a second process needs it
+            atomic_write_text(holder, json.dumps(record))
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            holder.unlink()
+        lock.release()
+
+
+def fail_orphans(study: optuna.Study) -> int:
+    """Fail the trials of ``study`` left running: only for a process that holds the study's lock,
+    so that none of them is being run (their process was killed). Returns how many."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in running:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    if running:
+        log.info(
+            "study %s: %d trial(s) left running by a process that ended, failed: %s",
+            study.study_name,
+            len(running),
+            ", ".join(str(t.number) for t in running),
+        )
+    return len(running)
+
+
+@contextlib.contextmanager
+def owned_study(storage: Any, study_name: str, **create: Any) -> Iterator[optuna.Study]:
+    """Create or load (``optuna.create_study(..., load_if_exists=True)``) a study that this process
+    runs alone: on a SQLite file it holds the study's lock while the block runs and fails the
+    trials a killed process left running (see the module doc)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with _study_lock(study_lock_path(storage, study_name), study_name) as locked:
+        study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True, **create)
+        if locked:
+            fail_orphans(study)
+        yield study
+
+
+def enqueue_start(
+    study: optuna.Study,
+    start: Sequence[Sequence[Sequence[str]]],
+    tasks: Sequence[str],
+    max_groups: int,
+    evaluated: Sequence[optuna.trial.TrialState] = (optuna.trial.TrialState.COMPLETE,),
+) -> int:
+    """Enqueue every start partition (of at most ``max_groups`` groups) that no trial in a state
+    of ``evaluated`` holds and none waits to evaluate, each once; returns how many. Not optuna's
+    ``skip_if_exists``: it skips a partition that any trial holds, a failed one too (a trial
+    a kill caught running, failed by :func:`fail_orphans`), so that partition would be lost."""
+    known: set[tuple[tuple[str, ...], ...]] = set()
+    for t in study.get_trials(deepcopy=False):
+        if t.state in evaluated and "groups" in t.user_attrs:
+            known.add(groups_of(t))
+        elif t.state == optuna.trial.TrialState.WAITING:
+            params = t.system_attrs.get("fixed_params", t.params)
+            labels = [params.get(f"g{k}") for k in range(len(tasks))]
+            if all(isinstance(lab, int) for lab in labels):
+                known.add(decode(labels, tasks))
+    added = 0
+    for groups in start:
+        if len(groups) > max_groups:
+            continue
+        params = encode(groups, tasks)
+        key = decode(list(params.values()), tasks)
+        if key not in known:
+            study.enqueue_trial(params)
+            known.add(key)
+            added += 1
+    return added
+
+
 def _objective(predictor: GainPredictor, tasks: Sequence[str], max_groups: int, multi: bool):
     cache: dict[tuple, float] = {}  # decoded (canonical) partition -> predicted gain
 
@@ -101,26 +253,16 @@ def optuna_search(
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=False)
         directions = ["maximize"]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=storage, study_name=study_name, sampler=sampler, directions=directions, load_if_exists=True
-    )
-    if not study.trials:
-        for groups in start:
-            if len(groups) <= max_groups:
-                study.enqueue_trial(encode(groups, tasks), skip_if_exists=True)
-    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    if done < trials:
-        study.optimize(
-            _objective(predictor, tasks, max_groups, multi_objective),
-            n_trials=trials - done,
-            show_progress_bar=progress,
-        )
+    with owned_study(storage, study_name, sampler=sampler, directions=directions) as study:
+        enqueue_start(study, start, tasks, max_groups)
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        if done < trials:
+            study.optimize(
+                _objective(predictor, tasks, max_groups, multi_objective),
+                n_trials=trials - done,
+                show_progress_bar=progress,
+            )
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-
-    def groups_of(t) -> tuple[tuple[str, ...], ...]:
-        return tuple(tuple(g) for g in t.user_attrs["groups"])
-
     best_trial = max(complete, key=lambda t: (t.values[0], -len(t.user_attrs["groups"])))
     front = study.best_trials if multi_objective else [best_trial]
     pareto = sorted(

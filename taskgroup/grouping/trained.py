@@ -7,7 +7,10 @@ network's final validation evaluation, and the trial's value is the mean relativ
 tasks over each task trained alone (direction-aware; a task whose single-task score is exactly 0
 has no relative gain and is left out of the mean). A network (task set) is trained once for the
 whole study, whichever trials contain it (folders keyed by task set and config hash), so a
-stopped search resumes without retraining anything.
+stopped search resumes without retraining anything. The study is run by one process at a time,
+as the predicted one (:func:`~taskgroup.grouping.optimize.owned_study`): on a resume, a trial a
+kill caught running is failed and its start partition, if it was one, tried again (a start
+partition is done once a trial completed or pruned it).
 
 Pruning: the groups of a trial are trained largest first; after each one the trial reports the
 mean gain of the tasks trained so far at step = their number, and the study's pruner (median by
@@ -30,7 +33,7 @@ import numpy as np
 import optuna
 
 from taskgroup.config import RunConfig
-from taskgroup.grouping.optimize import OptunaResult, decode, encode
+from taskgroup.grouping.optimize import OptunaResult, decode, enqueue_start, groups_of, owned_study
 from taskgroup.metrics.summary import relative_gain
 from taskgroup.tasks import TaskRegistry
 from taskgroup.training.data import TrainingData, prepare_data
@@ -198,30 +201,22 @@ def trained_search(
     tasks = gains.tasks
     for t in tasks:
         gains.scores((t,))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    with owned_study(
+        storage,
+        study_name,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, group=False),
         pruner=make_pruner(pruner),
-        load_if_exists=True,
-    )
-    if not study.trials:
-        for groups in start:
-            if len(groups) <= max_groups:
-                study.enqueue_trial(encode(groups, tasks), skip_if_exists=True)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = sum(t.state in finished for t in study.trials)
-    if done < trials:
-        study.optimize(trained_objective(gains, max_groups), n_trials=trials - done, catch=())
+    ) as study:
+        # a pruned start partition was judged: only those the study has not seen are tried again
+        enqueue_start(study, start, tasks, max_groups, evaluated=finished)
+        done = sum(t.state in finished for t in study.trials)
+        if done < trials:
+            study.optimize(trained_objective(gains, max_groups), n_trials=trials - done, catch=())
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise RuntimeError(f"study {study_name}: every trial was pruned; raise the number of trials")
-
-    def groups_of(t) -> tuple[tuple[str, ...], ...]:
-        return tuple(tuple(g) for g in t.user_attrs["groups"])
-
     best = max(complete, key=lambda t: (t.value, -len(t.user_attrs["groups"])))
     return OptunaResult(
         groups_of(best),

@@ -10,21 +10,29 @@ report. With
 ``preload`` every image is decoded and resized once into memory as uint8 (a few hundred MB for the synthetic
 benchmark at 64 px), so a step spends almost no time on data; ground truth for evaluation is
 kept at the original resolution, as the official metrics need it.
+
+Each file is decoded at most once per process: validation keeps the images and masks resized
+for preloading (``load_index(keep_size=...)``), and records the files that decoded without
+error in ``<cache_dir>/decoded/`` (by absolute path, inode, size and times), so a later process
+(the next training, each compare or affinity worker) does not decode them again to validate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
+import socket
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from rich.progress import Progress
 
 from taskgroup.config import DataConfig
@@ -38,24 +46,78 @@ from taskgroup.data import (
     load_index,
     split_index,
 )
+from taskgroup.data.fmuia import KEEP_BYTES
 from taskgroup.data.synthetic import generate
 from taskgroup.errors import DataError
+from taskgroup.runtime import FolderLocked, LockUnavailable, atomic_write_text, timestamp
 from taskgroup.tasks import TaskRegistry
 
 log = logging.getLogger("taskgroup")
 
 
-def build_lock(target: Path) -> FileLock:
-    """The lock beside ``target`` that one builder of it holds (others wait instead of building
-    it again); the operating system frees it when the holder dies."""
+#: how long a process waits for another one to build a cache entry (the synthetic benchmark,
+#: a pretrained encoder: minutes, an hour for a large one on a slow CPU) before giving up
+BUILD_TIMEOUT = 3 * 3600.0
+
+
+@contextlib.contextmanager
+def build_lock(target: Path, timeout: float = BUILD_TIMEOUT) -> Iterator[None]:
+    """Hold the lock beside ``target`` (``.<name>.lock``) that one builder of it holds: others
+    wait for it instead of building it again. An ``flock`` lock, never a soft one (a file whose
+    presence locks, which a kill would leave behind): the operating system frees it when its
+    holder dies, and a file system without ``flock`` is a
+    :class:`~taskgroup.runtime.LockUnavailable` (as :func:`taskgroup.runtime.lock_folder`). A
+    wait longer than ``timeout`` seconds is a :class:`~taskgroup.runtime.FolderLocked` naming
+    the lock file and its holder (pid, host, start, in ``.<name>.lock.json``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(target.parent / f".{target.name}.lock"))
+    path = target.parent / f".{target.name}.lock"
+    holder = target.parent / f".{target.name}.lock.json"
+    lock = FileLock(str(path), fallback_to_soft=False)
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("waiting for %s to build %s", _build_holder(holder, path), target)
+            lock.acquire(timeout=timeout)
+    except Timeout:
+        raise FolderLocked(
+            f"{path}: still held after {_duration(timeout)} by {_build_holder(holder, path)}, which "
+            f"builds {target}; if that process hangs, end it (its lock goes with it), or point "
+            "data.cache_dir elsewhere"
+        ) from None
+    except OSError as exc:
+        raise LockUnavailable(
+            f"{path}: cannot be locked ({os.strerror(exc.errno) if exc.errno else exc}): the file "
+            f"system of {target.parent} does not lock files (flock), so two processes could build "
+            "it at once; put data.cache_dir on a local disk"
+        ) from None
+    try:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": timestamp()}
+        with contextlib.suppress(OSError):  # only the message of a process that waits needs it
+            atomic_write_text(holder, json.dumps(record))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            holder.unlink()
+        lock.release()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _build_holder(holder: Path, path: Path) -> str:
+    try:
+        found = json.loads(holder.read_text())
+        return f"pid {found['pid']} on {found['host']} (since {found['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"another process (see {path})"
 
 
 def generate_once(target: Path, make: Callable[[Path], object]) -> Path:
     """Build a folder once: ``make`` writes into a private temporary folder that is then renamed
     to ``target``, so a killed build never leaves a half-written ``target``; concurrent callers
-    (workers on a fresh cache) wait for the one that builds it."""
+    (workers on a fresh cache) wait for the one that builds it (see :func:`build_lock`)."""
     if target.is_dir():
         return target
     with build_lock(target):
@@ -135,20 +197,43 @@ def _split_data(
     image_size: int,
     preload: bool,
     label: str,
+    resized: Mapping[tuple[Path, str], np.ndarray] | None = None,
 ) -> SplitData:
+    """The datasets of a split; with ``preload`` their images and targets in memory, taken from
+    ``resized`` (what validation kept, see ``load_index(keep_size=...)``) where it has them,
+    decoded here otherwise."""
     datasets = {t: TaskDataset(registry[t], recs, image_size) for t, recs in index_records.items()}
     if not preload:
         return SplitData(datasets, None, None)
+    resized = resized or {}
+
+    def image(dataset: TaskDataset, i: int) -> torch.Tensor:
+        kept = resized.get((dataset.records[i].image_file, "image"))
+        if kept is None or kept.shape != (image_size, image_size, 3):
+            return dataset.read_image(i)
+        return torch.from_numpy(kept).permute(2, 0, 1)
+
+    def target(dataset: TaskDataset, record: Record) -> torch.Tensor:
+        kept = resized.get((record.mask_file, "mask")) if record.mask_file is not None else None
+        if kept is None or kept.shape != (image_size, image_size):
+            return dataset.target(record)
+        return torch.from_numpy(kept.astype(np.int64))
+
     images: dict[str, torch.Tensor] = {}
     targets: dict[str, torch.Tensor] = {}
     total = sum(len(d) for d in datasets.values())
     with Progress(transient=True) as progress:
         bar = progress.add_task(f"decoding {label}", total=total)
         for task, dataset in datasets.items():
-            images[task] = torch.stack([dataset.read_image(i) for i in range(len(dataset))])
-            targets[task] = torch.stack([dataset.target(r) for r in dataset.records])
+            images[task] = torch.stack([image(dataset, i) for i in range(len(dataset))])
+            targets[task] = torch.stack([target(dataset, r) for r in dataset.records])
             progress.advance(bar, len(dataset))
     return SplitData(datasets, images, targets)
+
+
+def record_dir(cfg: DataConfig) -> Path:
+    """Where validation records the files that decoded without error (see ``load_index``)."""
+    return Path(os.path.expanduser(cfg.cache_dir)) / "decoded"
 
 
 def subsample(records: Sequence[Record], fraction: float, task: str) -> tuple[Record, ...]:
@@ -182,10 +267,24 @@ def prepare_data(
     else:
         report = (report_dir / "bad_rows.csv") if report_dir is not None and cfg.skip_bad else None
 
+    # the resized images and masks validation keeps for preloading, within one budget for
+    # every split
+    resized: dict[tuple[Path, str], np.ndarray] = {}
+
     def load(split_root: Path, split: str) -> FMUIAIndex:
         index = load_index(
-            split_root, registry, tasks=tasks, skip_bad=cfg.skip_bad, report=report, split=split
+            split_root,
+            registry,
+            tasks=tasks,
+            skip_bad=cfg.skip_bad,
+            report=report,
+            split=split,
+            allow_outside_root=cfg.allow_outside_root,
+            record_dir=record_dir(cfg),
+            keep_size=cfg.image_size if cfg.preload else None,
+            keep_bytes=max(0, KEEP_BYTES - sum(a.nbytes for a in resized.values())),
         )
+        resized.update(index.resized)
         _check_tasks(index, tasks)
         return index
 
@@ -213,9 +312,9 @@ def prepare_data(
         test_records = {t: tuple(test_index.records[t]) for t in order}
 
     def decoded(records: dict[str, Sequence[Record]], label: str) -> SplitData:
-        return _split_data(records, registry, cfg.image_size, cfg.preload, label)
+        return _split_data(records, registry, cfg.image_size, cfg.preload, label, resized)
 
-    return TrainingData(
+    data = TrainingData(
         train=decoded(train_records, "train"),
         val=decoded(val_records, "val"),
         root=root,
@@ -223,6 +322,8 @@ def prepare_data(
         test=decoded(test_records, "test") if test_records is not None else None,
         test_source=test_source,
     )
+    resized.clear()  # held by the preloaded tensors now
+    return data
 
 
 def _test_root(cfg: DataConfig, roots: dict[str, Path]) -> tuple[Path | None, str | None]:

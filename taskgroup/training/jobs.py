@@ -16,6 +16,11 @@ What makes it safe:
 - a job already complete is never trained again: a duplicate (a job queued twice by two
   coordinators) is marked pruned with the trial that measured it, and a network folder with
   ``done.json`` is reused by :func:`taskgroup.training.run.train_network`;
+- a job whose network folder another process still holds (its lock: a worker that stalled long
+  enough for its trial to be failed and the job queued again, but still trains; or the same job
+  queued twice and taken by two workers at once) is put back in the queue, pruned with
+  ``folder_locked`` naming the holder, and taken again later: by this worker after a short wait
+  (5 s, doubling up to a minute while the folder stays locked; other jobs first), or by another;
 - the study holds everything a worker needs (the run config, the jobs' task sets, the work
   folder), so ``taskgroup worker --storage URL --study NAME`` joins from any machine that sees
   the same work folder.
@@ -37,12 +42,13 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 
 from taskgroup.config import RunConfig, from_mapping, hide_password, storage_url, to_mapping
 from taskgroup.errors import ConfigError
+from taskgroup.runtime import FolderLocked
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training.data import TrainingData, prepare_data
 from taskgroup.training.run import final_scores, network_folder, train_network
@@ -136,9 +142,17 @@ def create_queue(
 
 
 class Worker:
-    """Takes queued jobs of a study until none is waiting or running, training each one."""
+    """Takes queued jobs of a study until none is waiting or running, training each one.
 
-    def __init__(self, study: optuna.Study, registry: TaskRegistry | None = None) -> None:
+    ``locked_wait``: the seconds (first, longest) this worker waits before it takes again a job
+    it put back because its network folder was locked (see the module doc)."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        registry: TaskRegistry | None = None,
+        locked_wait: tuple[float, float] = (5.0, 60.0),
+    ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per job is the progress bar's
         self.study = study
         self.cfg = from_mapping(RunConfig, study.user_attrs["config"], f"study {study.study_name}")
@@ -146,6 +160,9 @@ class Worker:
         self.registry = registry or load_registry(self.cfg.registry)
         self._data: TrainingData | None = None
         self.finished = 0  # jobs this worker trained to the end
+        self.locked_wait = locked_wait
+        # job key -> (when this worker takes it again, the wait after the next refusal)
+        self._deferred: dict[str, tuple[float, float]] = {}
 
     def network_dir(self, job: NetworkJob) -> Path:
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, seed=job.seed))
@@ -174,15 +191,35 @@ class Worker:
             raise optuna.TrialPruned(f"job {key} was measured by trial {done[0].number}")
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, seed=job.seed))
         start = time.perf_counter()
-        result = train_network(
-            cfg, self.registry, job.tasks, self.network_dir(job), key, self._training_data()
-        )
+        try:
+            result = train_network(
+                cfg, self.registry, job.tasks, self.network_dir(job), key, self._training_data()
+            )
+        except FolderLocked as exc:
+            self._put_back(trial, key, exc)
+        self._deferred.pop(key, None)
         trial.set_user_attr("best", json.loads(json.dumps(result.best)))
         trial.set_user_attr("final", final_scores(result.out_dir))
         trial.set_user_attr("seconds", time.perf_counter() - start)
         trial.set_user_attr("network_dir", str(result.out_dir))
         self.finished += 1
         return 0.0
+
+    def _put_back(self, trial: optuna.Trial, key: str, exc: FolderLocked) -> NoReturn:
+        """Queue the job again (its network folder is locked by another process) and end this
+        trial pruned; this worker takes the job again after a wait (see the module doc)."""
+        first, longest = self.locked_wait
+        _, wait = self._deferred.get(key, (0.0, first))
+        self._deferred[key] = (time.monotonic() + wait, min(2 * wait, longest))
+        trial.set_user_attr("folder_locked", str(exc))
+        self.study.enqueue_trial({}, user_attrs={JOB: key})
+        log.warning("job %s: %s; queued again, taken again here in %.0f s at the earliest", key, exc, wait)
+        raise optuna.TrialPruned(f"job {key}: its network folder is locked; queued again")
+
+    def _ready(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether this worker takes a waiting job now (not one it put back a moment ago)."""
+        deferred = self._deferred.get(str(trial.user_attrs.get(JOB)))
+        return deferred is None or time.monotonic() >= deferred[0]
 
     def run(self, poll: float = 1.0) -> int:
         """Work until every job is complete; returns how many jobs this worker finished."""
@@ -191,9 +228,10 @@ class Worker:
             trials = self.study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state == states.WAITING]
             running = [t for t in trials if t.state == states.RUNNING]
-            if waiting:
+            if any(self._ready(t) for t in waiting):
                 self.study.optimize(self.objective, n_trials=1, catch=())
-            elif running:  # another worker holds the last jobs: wait, take them over if it dies
+            elif waiting or running:  # another worker holds the last jobs (or their folders):
+                # wait, take them over if it dies
                 time.sleep(poll)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -463,10 +463,11 @@ def train_grouping(
         changes = check_run_folder(
             out_dir, resolve_pretrained(cfg, build=False), grouping, resume_with_changes
         )
-        cfg = resolve_pretrained(cfg)
         handler = _log_to(out_dir / "log.txt") if dist_info.is_main else logging.NullHandler()
         try:
+            # the data first: bad data is refused before minutes of pretraining
             data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
+            cfg = resolve_pretrained(cfg)
             # only now: a run refused for its data leaves no config.yaml to block the fixed rerun
             if dist_info.is_main:
                 write_run_files(out_dir, cfg, grouping, changes)

@@ -1,0 +1,48 @@
+"""The job queue's workers (taskgroup/training/jobs.py): a job whose network folder another
+process still holds is queued again and trained later, not the end of the worker."""
+
+from __future__ import annotations
+
+import threading
+
+import optuna
+from test_training import tiny_config
+
+from taskgroup.runtime import lock_folder
+from taskgroup.training.jobs import NetworkJob, Worker, create_queue, sqlite_url, storage_for
+
+
+def test_a_job_whose_network_folder_is_locked_is_queued_again_and_trained_later(
+    tiny_synth, registry, tmp_path, caplog
+):
+    """As when a stalled worker (its heartbeat stale, its job queued again) still trains the
+    network: the lock of the folder is held here, and freed after a while."""
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    job = NetworkJob(("IUGC",))
+    study = create_queue(storage_for(sqlite_url(tmp_path / "jobs.db"), 1, 3), "q", cfg, [job], tmp_path)
+    worker = Worker(study, registry, locked_wait=(0.2, 0.4))
+    held, free = threading.Event(), threading.Event()
+
+    def stalled() -> None:  # another holder of the folder (flock locks of two open files conflict)
+        with lock_folder(worker.network_dir(job)):
+            held.set()
+            free.wait(30)
+
+    holder = threading.Thread(target=stalled)
+    holder.start()
+    assert held.wait(30)
+    threading.Timer(1.5, free.set).start()
+    try:
+        assert worker.run(poll=0.1) == 1  # no FolderLocked out of the worker
+    finally:
+        free.set()
+        holder.join()
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 1 and states[-1].name == "COMPLETE"
+    refused = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert refused and all(
+        "being written by another taskgroup process" in t.user_attrs["folder_locked"] for t in refused
+    )
+    assert len(refused) <= 6  # a wait between attempts (0.2 s, doubling to 0.4 s), not a busy loop
+    assert "queued again" in caplog.text
