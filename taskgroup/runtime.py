@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import datetime
-import json
 import logging
 import os
 import pickle
 import re
-import socket
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -30,9 +26,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 
 from taskgroup.errors import TaskgroupError
+from taskgroup.locks import FolderLocked as FolderLocked  # re-exported: where callers import them
+from taskgroup.locks import LockUnavailable as LockUnavailable
+from taskgroup.locks import hold_lock, reason
+from taskgroup.locks import timestamp as timestamp
 
 log = logging.getLogger("taskgroup")
 
@@ -42,7 +41,7 @@ MAX_THREADS_ENV = "TASKGROUP_MAX_THREADS"
 
 #: the lock of a folder written by one process at a time, and the file naming its holder
 LOCK_NAME = ".taskgroup.lock"
-HOLDER_NAME = ".taskgroup.lock.json"
+HOLDER_NAME = LOCK_NAME + ".json"  # locks.holder_path
 
 #: how :func:`encode_state` marks a numpy array (or scalar) turned into a tensor
 NUMPY_TAG = "__numpy__"
@@ -54,20 +53,6 @@ class WriteError(TaskgroupError):
 
 class CheckpointError(TaskgroupError):
     """A checkpoint file cannot be read, or holds more than tensors and plain containers."""
-
-
-class FolderLocked(TaskgroupError):
-    """Another process holds the lock of a folder it writes."""
-
-
-class LockUnavailable(TaskgroupError):
-    """A folder's file system cannot lock files (no ``flock``), so it cannot be locked safely."""
-
-
-def timestamp() -> str:
-    """Now, in local time with its offset, to the second (``2026-12-03T20:01:27+00:00``): the
-    time of a lock's holder, of a config change."""
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -129,10 +114,6 @@ class _RecordingFile:
             raise
 
 
-def _reason(error: OSError) -> str:
-    return os.strerror(error.errno) if error.errno else str(error)
-
-
 def _fsync_folder(folder: Path) -> None:
     """Make a rename durable (the folder's entry); not every file system allows it."""
     with contextlib.suppress(OSError):
@@ -171,7 +152,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], object]) -> Path:
         error = recording.error if recording is not None and recording.error else exc
         if isinstance(error, OSError):
             raise WriteError(
-                f"{path}: could not be written ({_reason(error)}); the previous file, if any, is left as it was"
+                f"{path}: could not be written ({reason(error)}); the previous file, if any, is left as it was"
             ) from error
         raise
     _fsync_folder(path.parent)
@@ -399,15 +380,6 @@ def non_finite(state: Any, where: str = "") -> list[str]:
 
 
 # -- one writer per folder ---------------------------------------------------------------------
-def _holder(folder: Path) -> str:
-    """Who holds ``folder``'s lock, as its holder file says."""
-    try:
-        found = json.loads((folder / HOLDER_NAME).read_text())
-        return f"pid {found['pid']} on {found['host']}, since {found['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"unknown holder: see {folder / LOCK_NAME}"
-
-
 @contextlib.contextmanager
 def lock_folder(folder: str | Path) -> Iterator[None]:
     """Hold ``folder``'s lock while writing it: a second process fails at once with a
@@ -422,27 +394,17 @@ def lock_folder(folder: str | Path) -> Iterator[None]:
     folder and the reason; write the run to a local disk then."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / LOCK_NAME), fallback_to_soft=False)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise FolderLocked(
-            f"{folder} is being written by another taskgroup process ({_holder(folder)}); two "
-            "processes writing one folder would both train everything: wait for it to end, or "
-            "write somewhere else"
-        ) from None
-    except OSError as exc:
-        raise LockUnavailable(
-            f"{folder}: cannot be locked ({_reason(exc)}): its file system does not lock files "
-            "(flock), so two processes could write it at once; write it to a local disk (NFS: "
-            "only with its lock service)"
-        ) from None
-    holder = folder / HOLDER_NAME
-    try:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": timestamp(), "argv": sys.argv}
-        atomic_write_text(holder, json.dumps(record, indent=1))
+    with hold_lock(
+        folder / LOCK_NAME,
+        busy=lambda holder: (
+            f"{folder} is being written by another taskgroup process ({holder}); two processes "
+            "writing one folder would both train everything: wait for it to end, or write "
+            "somewhere else"
+        ),
+        unavailable=lambda why: (
+            f"{folder}: cannot be locked ({why}): its file system does not lock files (flock), so "
+            "two processes could write it at once; write it to a local disk (NFS: only with its "
+            "lock service)"
+        ),
+    ):
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            holder.unlink()
-        lock.release()

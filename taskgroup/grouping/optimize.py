@@ -33,20 +33,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import re
-import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
-from filelock import FileLock, Timeout
 
 from taskgroup.grouping.partition import canonical_groups
 from taskgroup.grouping.predict import GainPredictor
+from taskgroup.locks import LockUnavailable, hold_lock
 
 log = logging.getLogger("taskgroup")
 
@@ -106,14 +103,6 @@ def study_lock_path(storage: Any, study_name: str) -> Path | None:
     return database.parent / f".{database.name}.{name}.lock"
 
 
-def _lock_holder(path: Path) -> str:
-    try:
-        found = json.loads(path.with_name(path.name + ".json").read_text())
-        return f"pid {found['pid']} on {found['host']}, since {found['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"unknown holder: see {path}"
-
-
 @contextlib.contextmanager
 def _study_lock(path: Path | None, study_name: str) -> Iterator[bool]:
     """Hold a study's lock (yields whether it is held: False without a lock file, or on a file
@@ -121,38 +110,30 @@ def _study_lock(path: Path | None, study_name: str) -> Iterator[bool]:
     if path is None:
         yield False
         return
-    from taskgroup.runtime import FolderLocked, atomic_write_text, timestamp
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), fallback_to_soft=False)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise FolderLocked(
-            f"study {study_name!r} is being run by another taskgroup process ({_lock_holder(path)}; "
-            f"lock {path}): two processes running one study would fail each other's trials; wait "
-            "for it to end, or search into another folder (--out) or storage"
-        ) from None
-    except OSError as exc:
-        log.warning(
-            "study %s: its lock %s cannot be taken (%s): the study runs unlocked, and trials left "
-            "running by a killed process stay so",
-            study_name,
-            path,
-            exc.strerror or exc,
-        )
-        yield False
-        return
-    holder = path.with_name(path.name + ".json")
-    try:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": timestamp()}
-        with contextlib.suppress(OSError):  # only the message of a second process needs it
-            atomic_write_text(holder, json.dumps(record))
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(
+                hold_lock(
+                    path,
+                    busy=lambda holder: (
+                        f"study {study_name!r} is being run by another taskgroup process ({holder}; "
+                        f"lock {path}): two processes running one study would fail each other's "
+                        "trials; wait for it to end, or search into another folder (--out) or storage"
+                    ),
+                    unavailable=lambda why: why,
+                )
+            )
+        except LockUnavailable as exc:
+            log.warning(
+                "study %s: its lock %s cannot be taken (%s): the study runs unlocked, and trials "
+                "left running by a killed process stay so",
+                study_name,
+                path,
+                exc,
+            )
+            yield False
+            return
         yield True
-    finally:
-        with contextlib.suppress(OSError):
-            holder.unlink()
-        lock.release()
 
 
 def fail_orphans(study: optuna.Study) -> int:

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import socket
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from rich.progress import Progress
 
 from taskgroup.config import DataConfig
@@ -49,7 +46,7 @@ from taskgroup.data import (
 from taskgroup.data.fmuia import KEEP_BYTES
 from taskgroup.data.synthetic import generate
 from taskgroup.errors import DataError
-from taskgroup.runtime import FolderLocked, LockUnavailable, atomic_write_text, timestamp
+from taskgroup.locks import hold_lock
 from taskgroup.tasks import TaskRegistry
 
 log = logging.getLogger("taskgroup")
@@ -69,49 +66,25 @@ def build_lock(target: Path, timeout: float = BUILD_TIMEOUT) -> Iterator[None]:
     :class:`~taskgroup.runtime.LockUnavailable` (as :func:`taskgroup.runtime.lock_folder`). A
     wait longer than ``timeout`` seconds is a :class:`~taskgroup.runtime.FolderLocked` naming
     the lock file and its holder (pid, host, start, in ``.<name>.lock.json``)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.lock"
-    holder = target.parent / f".{target.name}.lock.json"
-    lock = FileLock(str(path), fallback_to_soft=False)
-    try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("waiting for %s to build %s", _build_holder(holder, path), target)
-            lock.acquire(timeout=timeout)
-    except Timeout:
-        raise FolderLocked(
-            f"{path}: still held after {_duration(timeout)} by {_build_holder(holder, path)}, which "
-            f"builds {target}; if that process hangs, end it (its lock goes with it), or point "
-            "data.cache_dir elsewhere"
-        ) from None
-    except OSError as exc:
-        raise LockUnavailable(
-            f"{path}: cannot be locked ({os.strerror(exc.errno) if exc.errno else exc}): the file "
-            f"system of {target.parent} does not lock files (flock), so two processes could build "
-            "it at once; put data.cache_dir on a local disk"
-        ) from None
-    try:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": timestamp()}
-        with contextlib.suppress(OSError):  # only the message of a process that waits needs it
-            atomic_write_text(holder, json.dumps(record))
+    with hold_lock(
+        path,
+        wait=timeout,
+        waiting=lambda holder: log.info("waiting for %s to build %s", holder, target),
+        busy=lambda holder: (
+            f"{path}: still held after {_duration(timeout)} by {holder}, which builds {target}; if "
+            "that process hangs, end it (its lock goes with it), or point data.cache_dir elsewhere"
+        ),
+        unavailable=lambda why: (
+            f"{path}: cannot be locked ({why}): the file system of {target.parent} does not lock "
+            "files (flock), so two processes could build it at once; put data.cache_dir on a local disk"
+        ),
+    ):
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            holder.unlink()
-        lock.release()
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
-def _build_holder(holder: Path, path: Path) -> str:
-    try:
-        found = json.loads(holder.read_text())
-        return f"pid {found['pid']} on {found['host']} (since {found['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"another process (see {path})"
 
 
 def generate_once(target: Path, make: Callable[[Path], object]) -> Path:
