@@ -36,7 +36,7 @@ from taskgroup.affinity.report import read_matrix
 from taskgroup.config import load_run_config
 from taskgroup.data.synthetic import planted_groups
 from taskgroup.grouping import GainPredictor
-from taskgroup.grouping.search import run_search, training_sizes
+from taskgroup.stages.search import run_search, training_sizes
 from taskgroup.tasks import load_registry
 
 

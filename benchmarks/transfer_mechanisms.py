@@ -29,8 +29,8 @@ from taskgroup.config import load_run_config
 from taskgroup.data.synthetic import planted_groups, read_truth, structure_of
 from taskgroup.groupings import Grouping
 from taskgroup.metrics.summary import relative_gain
+from taskgroup.stages.train import train_grouping
 from taskgroup.tasks import load_registry
-from taskgroup.training.run import train_grouping
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 #: the decoy tasks, and data-poor dense tasks of each planted group

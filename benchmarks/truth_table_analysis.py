@@ -27,7 +27,7 @@ import pandas as pd
 from report import report
 
 from taskgroup.grouping import select_milp
-from taskgroup.grouping.search import read_groups_table
+from taskgroup.grouping.select import read_groups_table
 from taskgroup.tasks import load_registry
 
 TABLE = Path(__file__).resolve().parent / "truth_table"

@@ -10,7 +10,9 @@ taskgroup compare   --groupings G ... [--seeds N]      train groupings, compare 
 taskgroup study run studies/NAME.yaml [--setting S]   a whole experiment (stages chained)
 taskgroup worker    --storage URL --study NAME         take queued network trainings
 
-Every command that reads data takes ``--skip-bad`` and ``--bad-report FILE``.
+Every command that reads data takes ``--skip-bad`` and ``--bad-report FILE``. A command imports
+what it runs only when it runs (``taskgroup --help`` and ``taskgroup tasks`` without ``--data``
+import no torch).
 """
 
 from __future__ import annotations
@@ -24,16 +26,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from taskgroup.config import AFFINITY_METHODS, DataConfig, hide_password
-from taskgroup.data.fmuia import find_roots, load_index, shown_path
-from taskgroup.data.submission import read_predictions
-from taskgroup.data.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, SCALES, generate
+from taskgroup.config import AFFINITY_METHODS, DataConfig, hide_password, record_dir
 from taskgroup.errors import TaskgroupError
-from taskgroup.evaluation import METRIC_COLUMNS, evaluate_predictions
-from taskgroup.metrics import LEADERBOARD_COLUMNS
 from taskgroup.tasks import load_registry
 
 console = Console()
@@ -59,7 +55,10 @@ def _add_bad_row_options(parser: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; with ``command``, the arguments of ``synth`` (which need the
+    generator's scales and versions, so its package) only when ``command`` is ``synth``: the
+    others' help and parsing are the same without them."""
     parser = argparse.ArgumentParser(
         prog="taskgroup", description="Which ultrasound tasks should be trained together."
     )
@@ -73,25 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("synth", help="write the embedded synthetic benchmark in the FM_UIA layout")
-    p.add_argument("--out", type=Path, required=True, help="output folder (train/, val/, truth.yaml)")
-    p.add_argument(
-        "--scale", choices=sorted(SCALES), default="small", help="dataset size (tiny is for tests)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--version",
-        type=int,
-        choices=GENERATOR_VERSIONS,
-        default=GENERATOR_VERSION,
-        help="generator (3: before the label-last placement, for figures measured on it)",
-    )
-    p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
-    p.add_argument("--registry", type=Path, default=None)
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace train/, val/, test/ of an output folder taskgroup synth did not write",
-    )
+    if command in (None, "synth"):
+        _add_synth_arguments(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("evaluate", help="score a prediction folder with the official metrics")
@@ -283,6 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_synth_arguments(p: argparse.ArgumentParser) -> None:
+    from taskgroup.data.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, SCALES
+
+    p.add_argument("--out", type=Path, required=True, help="output folder (train/, val/, truth.yaml)")
+    p.add_argument(
+        "--scale", choices=sorted(SCALES), default="small", help="dataset size (tiny is for tests)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--version",
+        type=int,
+        choices=GENERATOR_VERSIONS,
+        default=GENERATOR_VERSION,
+        help="generator (3: before the label-last placement, for figures measured on it)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
+    p.add_argument("--registry", type=Path, default=None)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace train/, val/, test/ of an output folder taskgroup synth did not write",
+    )
+
+
 def _bad_report(args: argparse.Namespace) -> Path | None:
     if args.bad_report is not None:
         return args.bad_report
@@ -301,8 +307,6 @@ def _record_dir() -> Path:
     """The record of decoded files (see ``load_index``) of a command without a run config: the
     one training keeps in the default ``data.cache_dir``, so validating a dataset once spares
     every later command and training the decoding."""
-    from taskgroup.training.data import record_dir  # (imports the training package)
-
     return record_dir(DataConfig())
 
 
@@ -310,6 +314,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     registry = load_registry(args.registry)
     counts: dict[str, dict[str, int]] = {}
     if args.data is not None:
+        from taskgroup.data.fmuia import find_roots, load_index
+
         for split, root in find_roots(args.data).items():
             index = load_index(
                 root, registry, skip_bad=args.skip_bad, report=_bad_report(args), record_dir=_record_dir()
@@ -349,6 +355,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from taskgroup.data.synthetic import generate
+
     registry = load_registry(args.registry)
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -386,6 +396,13 @@ def _fmt(value: float) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from taskgroup.data.fmuia import load_index
+    from taskgroup.data.submission import read_predictions
+    from taskgroup.evaluation import METRIC_COLUMNS, evaluate_predictions
+    from taskgroup.metrics import LEADERBOARD_COLUMNS
+
     registry = load_registry(args.registry)
     index = load_index(
         args.gt, registry, skip_bad=args.skip_bad, report=_bad_report(args), record_dir=_record_dir()
@@ -395,8 +412,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or args.pred / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     result.per_task.to_csv(out / "per_task.csv", index=False)
-    import pandas as pd
-
     pd.DataFrame([result.summary]).to_csv(out / "summary.csv", index=False)
     print_table(
         f"per task ({'missing skipped' if args.official_skip else 'missing = failure'})",
@@ -448,7 +463,7 @@ def _set(key: str, value) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from taskgroup.groupings import load_grouping
-    from taskgroup.training import train_grouping
+    from taskgroup.stages.train import train_grouping
 
     cfg = _run_config(args)
     registry = load_registry(cfg.registry)
@@ -495,7 +510,7 @@ def cmd_affinity(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from taskgroup.config import load_run_config
-    from taskgroup.grouping.search import run_search
+    from taskgroup.stages.search import run_search
 
     extra = [f"search.methods=[{', '.join(args.method)}]"] if args.method else []
     extra += [f"search.estimators=[{', '.join(args.estimator)}]"] if args.estimator else []
@@ -530,7 +545,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from taskgroup.study import run_study
+    from taskgroup.stages.study import run_study
 
     overrides = (*args.overrides, *_bad_row_overrides(args))
     run_study(args.study, args.setting, args.out, args.data, overrides, console=console)
@@ -566,10 +581,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    words = [a for a in argv if not a.startswith("-")]
+    args = build_parser(words[0] if words else "").parse_args(argv)
     try:
         return int(args.func(args))
     except TaskgroupError as exc:
+        from taskgroup.data.fmuia import shown_path
+
         # a storage URL's password is never shown; a path that is not valid UTF-8 shows its bytes
         message = escape(shown_path(hide_password(str(exc))))
         console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.util
+import os
 import re
 import types
 import typing
@@ -372,6 +373,11 @@ class DataConfig:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
 
 
+def record_dir(cfg: DataConfig) -> Path:
+    """Where validation records the files that decoded without error (see ``load_index``)."""
+    return Path(os.path.expanduser(cfg.cache_dir)) / "decoded"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The loop. ``steps_per_task`` x the number of tasks of a network gives its steps, so that
@@ -522,7 +528,7 @@ class SearchConfig:
     best: Literal["knee", "tolerance", "partition"] = "partition"
     tolerance: float = 0.05
     top: int = 12  # rows of the terminal table
-    # the trained objective (grouping/trained.py): this many Optuna trials that each train their
+    # the trained objective (grouping/trained_search.py): this many Optuna trials that each train their
     # partition through the engine (0 = off), pruned by ``pruner``
     trained_trials: int = 0
     pruner: Literal["median", "successive_halving", "none"] = "median"

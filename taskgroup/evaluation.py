@@ -14,21 +14,9 @@ import numpy as np
 import pandas as pd
 
 from taskgroup.data.fmuia import FMUIAIndex, Record, record_target
-from taskgroup.data.submission import (
-    ClassificationPrediction,
-    DetectionPrediction,
-    PredictionSet,
-    RegressionPrediction,
-    SegmentationPrediction,
-)
-from taskgroup.metrics import (
-    ClassificationMetric,
-    DetectionMetric,
-    RegressionMetric,
-    SegmentationMetric,
-    build_task_metric,
-    type_level_summary,
-)
+from taskgroup.data.submission import PredictionSet
+from taskgroup.kinds import kind_entry, prediction_entry
+from taskgroup.metrics import type_level_summary
 from taskgroup.tasks import TaskKind, TaskRegistry
 
 
@@ -58,16 +46,17 @@ def evaluate_predictions(
     per_task_values: dict[str, dict[str, float]] = {}
     for task_id, records in index.records.items():
         spec = index.registry[task_id]
-        metric = build_task_metric(spec)
+        entry = kind_entry(spec)
+        metric = entry.metric(spec)
         missing = 0
         for r in records:
             pred = predictions.get(task_id, r.image_path)
             if pred is None:
                 missing += 1
                 if not official_skip:
-                    _add_failure(metric, r)
+                    entry.add_failure(metric, r)
                 continue
-            update_metric(metric, pred, record_target(r))
+            entry.update(metric, pred, record_target(r))
         row: dict = {
             "task_id": task_id,
             "type": spec.kind.short,
@@ -80,8 +69,7 @@ def evaluate_predictions(
             values = metric.aggregate()
             row.update(values)
             per_task_values[task_id] = values
-            if isinstance(metric, ClassificationMetric):
-                row["auc_note"] = metric.scores().auc_note
+            row["auc_note"] = entry.note(metric)
         rows.append(row)
     frame = pd.DataFrame(rows)
     for col in METRIC_COLUMNS:
@@ -91,26 +79,10 @@ def evaluate_predictions(
     return Evaluation(frame, type_level_summary(per_task_values, index.registry))
 
 
-def _add_failure(metric, record) -> None:
-    if isinstance(metric, SegmentationMetric | RegressionMetric):
-        metric.add_failure(record.size)
-    elif isinstance(metric, ClassificationMetric):
-        metric.add_failure(record.label)
-    else:
-        metric.add_failure()
-
-
 def update_metric(metric, pred, gt) -> None:
-    """Score one prediction against its ground truth (mask (H, W), label, box or keypoints)."""
-    if isinstance(pred, SegmentationPrediction):
-        metric.update(pred.mask, gt)
-    elif isinstance(pred, ClassificationPrediction):
-        metric.update(np.asarray(pred.probs), gt, pred.predicted_class)
-    elif isinstance(pred, DetectionPrediction):
-        assert isinstance(metric, DetectionMetric)
-        metric.update(pred.box, gt)
-    elif isinstance(pred, RegressionPrediction):
-        metric.update(pred.points, gt)
+    """Score one prediction against its ground truth (mask (H, W), label, box or keypoints):
+    the ``update`` of the prediction's kind in :mod:`taskgroup.kinds`."""
+    prediction_entry(pred).update(metric, pred, gt)
 
 
 def baseline_scores(
@@ -123,7 +95,7 @@ def baseline_scores(
     out: dict[str, dict[str, float]] = {}
     for task, records in val.items():
         spec = registry[task]
-        metric = build_task_metric(spec)
+        metric = kind_entry(spec).metric(spec)
         if spec.kind is TaskKind.CLASSIFICATION:
             counts = np.bincount([r.label for r in train[task]], minlength=spec.num_classes).astype(float)
             probs = counts / counts.sum()

@@ -11,13 +11,13 @@ The total of a multi-task step is ``sum_t lambda_t L_t`` plus the MoE auxiliary 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from taskgroup.tasks import TaskKind, TaskSpec
+from taskgroup.tasks import TaskSpec
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -51,17 +51,11 @@ def detection_loss(output: torch.Tensor, target: torch.Tensor, image_size: int) 
     return F.l1_loss(box, true) + giou + F.binary_cross_entropy_with_logits(confidence, iou)
 
 
-LOSSES: dict[TaskKind, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
-    TaskKind.SEGMENTATION: segmentation_loss,
-    TaskKind.CLASSIFICATION: classification_loss,
-    TaskKind.DETECTION: detection_loss,
-    TaskKind.REGRESSION: regression_loss,
-}
-
-
 def task_loss(spec: TaskSpec, output: torch.Tensor, target: torch.Tensor, image_size: int) -> torch.Tensor:
-    """The loss of one task's batch."""
-    return LOSSES[spec.kind](output, target, image_size)
+    """The loss of one task's batch: the loss of its kind's entry in :mod:`taskgroup.kinds`."""
+    from taskgroup.kinds import kind_entry  # the registry finds these losses when first used
+
+    return kind_entry(spec).loss(output, target, image_size)
 
 
 def total_loss(

@@ -225,8 +225,8 @@ def test_commands_without_a_config_keep_the_record(fixture_root, registry, fresh
     """``taskgroup tasks`` and ``taskgroup evaluate`` record the files they decoded where training
     does (``<data.cache_dir>/decoded``, the default cache folder), and read that record."""
     from taskgroup.cli import main
+    from taskgroup.config import record_dir
     from taskgroup.data.submission import ground_truth_as_predictions, write_predictions
-    from taskgroup.training.data import record_dir
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     folder = record_dir(DataConfig())

@@ -25,8 +25,9 @@ from taskgroup.data import TaskDataset, collate_examples, load_index
 from taskgroup.data.submission import write_predictions
 from taskgroup.groupings import Grouping
 from taskgroup.models import build_model, decode_outputs
+from taskgroup.stages.train import train_grouping
 from taskgroup.tasks import TaskRegistry
-from taskgroup.training import NetworkResult, serve_tasks, train_grouping
+from taskgroup.training import NetworkResult, serve_tasks
 from taskgroup.training.jobs import NetworkJob
 from taskgroup.training.run import safe_name
 
@@ -208,8 +209,8 @@ def test_compare_reports_on_test_with_networks_chosen_on_val(held_out, registry,
 
 
 def test_trained_gains_on_test_are_realised_at_the_final_step(held_out, tiny_synth, registry, tmp_path):
-    from taskgroup.grouping.trained import TrainedGains
     from taskgroup.metrics.summary import relative_gain
+    from taskgroup.stages.trained_gains import TrainedGains
 
     cfg = tiny_config(held_out, steps=None, steps_per_task=3, eval_every=1000, checkpoint_every=1000)
     gains = TrainedGains(cfg, registry, TASKS, tmp_path / "work")

@@ -303,14 +303,14 @@ def _study_run(tmp_path, capsys, monkeypatch, extra: list[str]) -> dict:
 def test_training_commands_take_skip_bad_and_bad_report(command, tmp_path, monkeypatch):
     import taskgroup.affinity
     import taskgroup.compare
-    import taskgroup.grouping.search
-    import taskgroup.training
+    import taskgroup.stages.search
+    import taskgroup.stages.train
 
     stage = {
-        "train": (taskgroup.training, "train_grouping", ["--grouping", "au"]),
+        "train": (taskgroup.stages.train, "train_grouping", ["--grouping", "au"]),
         "affinity": (taskgroup.affinity, "run_affinity", []),
         "compare": (taskgroup.compare, "run_compare", []),
-        "search": (taskgroup.grouping.search, "run_search", [str(tmp_path)]),
+        "search": (taskgroup.stages.search, "run_search", [str(tmp_path)]),
     }
     module, name, args = stage[command]
     seen: dict = {}

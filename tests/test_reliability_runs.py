@@ -33,8 +33,8 @@ from taskgroup.runtime import (
     non_finite,
     save_state,
 )
+from taskgroup.stages.train import train_grouping
 from taskgroup.training.engine import Engine, TrainingDiverged
-from taskgroup.training.run import train_grouping
 
 PAIR = ("lung", "IUGC")
 

@@ -21,15 +21,10 @@ from taskgroup.errors import DataError
 from taskgroup.grouping import GainPredictor, Partition, propose_partitions, select_milp
 from taskgroup.grouping.candidates import generate_candidates
 from taskgroup.grouping.optimize import canonical_labels, decode, encode, local_search, optuna_search
-from taskgroup.grouping.search import (
-    Proposal,
-    best_proposals,
-    front_knee,
-    gain_front,
-    read_groups_table,
-    run_search,
-)
+from taskgroup.grouping.proposals import Proposal, best_proposals, front_knee, gain_front
+from taskgroup.grouping.select import read_groups_table
 from taskgroup.groupings import load_grouping
+from taskgroup.stages.search import run_search
 from taskgroup.training.jobs import NetworkJob
 
 TASKS = [f"t{k}" for k in range(27)]

@@ -17,7 +17,7 @@ from sklearn.metrics import adjusted_rand_score
 from taskgroup.config import load_run_config
 from taskgroup.data.synthetic import read_truth
 from taskgroup.errors import ConfigError
-from taskgroup.study import load_study, run_study, stage_overrides
+from taskgroup.stages.study import load_study, run_study, stage_overrides
 
 ROOT = Path(__file__).parents[1]
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))

@@ -13,8 +13,9 @@ import pytest
 from test_training import tiny_config
 
 from taskgroup.grouping.optimize import encode
-from taskgroup.grouping.trained import TrainedGains, trained_objective, trained_search
+from taskgroup.grouping.trained_search import trained_objective, trained_search
 from taskgroup.metrics.summary import relative_gain
+from taskgroup.stages.trained_gains import TrainedGains
 from taskgroup.training.jobs import sqlite_url
 
 TASKS = ["breast_lesion", "thyroid_nodule", "IUGC", "lung_2cls"]
@@ -94,8 +95,8 @@ def test_search_command_adds_the_trained_proposal(tiny_synth, registry, tmp_path
 
     from taskgroup.affinity.report import matrix_frame
     from taskgroup.config import to_mapping
-    from taskgroup.grouping.search import run_search
     from taskgroup.groupings import load_grouping
+    from taskgroup.stages.search import run_search
 
     root = make_held_out_root(tiny_synth, tmp_path / "root", "lung_2cls")
     cfg = tiny_config(root, steps=None, steps_per_task=3, eval_every=1000, checkpoint_every=1000)

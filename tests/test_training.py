@@ -18,7 +18,8 @@ import yaml
 
 from taskgroup.config import RunConfig, load_run_config, to_mapping
 from taskgroup.groupings import Grouping, load_grouping
-from taskgroup.training import Callback, TrainingDiverged, train_grouping
+from taskgroup.stages.train import train_grouping
+from taskgroup.training import Callback, TrainingDiverged
 
 TASKS = ["lung", "breast_3cls", "IUGC", "thyroid_nodule_det"]
 

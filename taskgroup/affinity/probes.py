@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from taskgroup.kinds import KINDS, kind_entry
 from taskgroup.models import M2DINO
 from taskgroup.tasks import TaskKind
 from taskgroup.training import Callback, Engine, StepOutput
@@ -73,32 +74,9 @@ READOUT_QUANTITIES = ("readout",)
 ATTRIBUTION_QUANTITIES = ("attribution",)
 
 
-def _foreground_mass(output: torch.Tensor) -> torch.Tensor:
-    return output.float().softmax(dim=1)[:, 1:].sum()
-
-
-def _predicted_class(output: torch.Tensor) -> torch.Tensor:
-    return output.float().log_softmax(dim=1).amax(dim=1).sum()
-
-
-def _box(output: torch.Tensor) -> torch.Tensor:
-    return output[:, :4].float().sum()  # the xyxy box, not the confidence logit
-
-
-def _points(output: torch.Tensor) -> torch.Tensor:
-    return output.float().sum()
-
-
-#: the label-free score of a head's output whose attribution map says where the head looks:
-#: segmentation, the predicted foreground mass (softmax of every non-background class);
-#: classification, the log-probability of the predicted class; detection, the box coordinates;
-#: regression, the keypoint coordinates (soft-argmax: their gradient sits where the heatmap is)
-HEAD_SCORES = {
-    TaskKind.SEGMENTATION: _foreground_mass,
-    TaskKind.CLASSIFICATION: _predicted_class,
-    TaskKind.DETECTION: _box,
-    TaskKind.REGRESSION: _points,
-}
+#: the label-free score of a head's output whose attribution map says where the head looks,
+#: by task kind: the ``score`` of each entry of :mod:`taskgroup.kinds`
+HEAD_SCORES = {kind: entry.score for kind, entry in KINDS.items()}
 
 
 def attribution_maps(
@@ -122,7 +100,7 @@ def attribution_maps(
         features = features.float().requires_grad_(True)
         with autocast():
             output = model.heads[task](features)
-        (grad,) = torch.autograd.grad(HEAD_SCORES[kind](output), features)
+        (grad,) = torch.autograd.grad(kind_entry(kind).score(output), features)
         return (features * grad).detach().abs().sum(dim=1)
     if layer != "input":
         raise ValueError(f"attribution layer must be 'features' or 'input', got {layer!r}")
@@ -135,32 +113,14 @@ def attribution_maps(
     finally:
         hook.remove()
     (embedded,) = captured  # the patch tokens, channels last, before the prefix tokens are added
-    (grad,) = torch.autograd.grad(HEAD_SCORES[kind](output), embedded)
+    (grad,) = torch.autograd.grad(kind_entry(kind).score(output), embedded)
     per_token = (embedded.float() * grad.float()).detach().abs().sum(dim=-1)  # (N, h, w) or (N, h*w)
     return per_token.reshape(len(per_token), model.image_size // model.patch_size, -1)
 
 
-def _class_probabilities(output: torch.Tensor) -> torch.Tensor:
-    return output.float().softmax(dim=1).flatten(1)  # (N, classes) or (N, classes * H * W)
-
-
-def _box_coordinates(output: torch.Tensor) -> torch.Tensor:
-    return output[:, :4].float()
-
-
-def _point_coordinates(output: torch.Tensor) -> torch.Tensor:
-    return output.float().flatten(1)
-
-
-#: a head's output per image as a vector whose L1 change says how much an occlusion moved it:
-#: segmentation and classification, the class probabilities (per pixel; the L1 change is twice
-#: the total variation); detection, the box coordinates; regression, the keypoint coordinates
-HEAD_OUTPUTS = {
-    TaskKind.SEGMENTATION: _class_probabilities,
-    TaskKind.CLASSIFICATION: _class_probabilities,
-    TaskKind.DETECTION: _box_coordinates,
-    TaskKind.REGRESSION: _point_coordinates,
-}
+#: a head's output per image as a vector whose L1 change says how much an occlusion moved it,
+#: by task kind: the ``output`` of each entry of :mod:`taskgroup.kinds`
+HEAD_OUTPUTS = {kind: entry.output for kind, entry in KINDS.items()}
 
 
 def occlusion_maps(
@@ -185,7 +145,7 @@ def occlusion_maps(
     if height % cell or width % cell:
         raise ValueError(f"occlusion cell {cell} px does not divide the {height}x{width} images")
     rows, cols = height // cell, width // cell
-    output_of = HEAD_OUTPUTS[kind]
+    output_of = kind_entry(kind).output
     with torch.no_grad():
         with autocast():
             base = output_of(model(images, task))  # (N, D)
@@ -212,8 +172,9 @@ ATTRIBUTION_MAPS = ("gradient", "occlusion", "hybrid")
 
 
 def occludes(how: str, kind: TaskKind) -> bool:
-    """Whether a head of ``kind`` has its map made by occlusion under ``how``."""
-    return how == "occlusion" or (how == "hybrid" and kind is TaskKind.CLASSIFICATION)
+    """Whether a head of ``kind`` has its map made by occlusion under ``how`` (``hybrid``: the
+    heads that pool the whole feature map, ``pooled`` in :mod:`taskgroup.kinds`)."""
+    return how == "occlusion" or (how == "hybrid" and kind_entry(kind).pooled)
 
 
 def head_map(

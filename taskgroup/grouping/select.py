@@ -17,6 +17,10 @@ Three exact solvers that must agree:
   "each task at the best of what is chosen or still available" (hand-written: the search space is
   small pools, where it is a check on the MILP; no well-kept library offers this selection).
 - :func:`select_brute_force`: every affordable subset (tests, tiny pools).
+
+Candidates from tables: :func:`read_network_table` (Standley et al.'s per-network loss files) and
+:func:`read_groups_table` (trained groups with measured per-task scores, ``taskgroup search
+--groups-table``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,14 @@ import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from taskgroup.errors import DataError
+
+if TYPE_CHECKING:
+    from taskgroup.tasks import TaskRegistry
 
 EPS = 1e-9
 
@@ -302,4 +312,51 @@ def read_network_table(path: str | Path, tasks: Sequence[str] | None = None) -> 
             out += [Candidate((t,), {t: s}, 0.5, f"half:{t}") for t, s in scores.items()]
         else:
             out.append(Candidate(tuple(scores), scores, 1.0))
+    return out
+
+
+def _number(value: Any, path: Path, line: int, what: str) -> float | None:
+    """A table cell as a finite number, None when empty; anything else is an error naming the
+    file, the line and the column."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}, line {line}: {what} is {value!r}, not a number") from None
+    if not np.isfinite(number):
+        raise DataError(f"{path}, line {line}: {what} is {value!r}, not a finite number")
+    return number
+
+
+def read_groups_table(path: Path, registry: TaskRegistry) -> list[Candidate]:
+    """Trained groups with measured per-task scores: CSV, one row per network, column ``tasks``
+    (ids joined by ``+``), optional ``cost``, and one column per task holding that member's
+    score (higher is better, e.g. the relative gain over its single-task network)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: cannot read the groups table: {exc}") from None
+    if "tasks" not in frame.columns:
+        raise DataError(f"{path}: no 'tasks' column (ids joined by '+')")
+    out = []
+    for row_number, row in enumerate(frame.to_dict("records"), start=2):
+        members = tuple(str(row["tasks"]).split("+"))
+        scores = {}
+        for t in members:
+            if t not in registry:
+                raise DataError(f"{path}, line {row_number}: unknown task {t!r}")
+            value = _number(row.get(t), path, row_number, f"the score of member task {t!r}")
+            if value is None:
+                raise DataError(f"{path}, line {row_number}: no score for member task {t!r}")
+            scores[t] = value
+        cost = _number(row.get("cost"), path, row_number, "the cost")
+        cost = 1.0 if cost is None else cost
+        if cost <= 0:
+            raise DataError(
+                f"{path}, line {row_number}: the cost is {cost:g}; a network's cost must be positive"
+            )
+        out.append(Candidate(members, scores, cost, "+".join(members)))
     return out

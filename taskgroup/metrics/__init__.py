@@ -18,20 +18,17 @@ from taskgroup.metrics.segmentation import (
     segmentation_metrics,
 )
 from taskgroup.metrics.summary import LEADERBOARD_COLUMNS, relative_gain, type_level_summary
-from taskgroup.tasks import TaskKind, TaskSpec
+from taskgroup.tasks import TaskSpec
 
 TaskMetric = SegmentationMetric | ClassificationMetric | DetectionMetric | RegressionMetric
 
 
 def build_task_metric(spec: TaskSpec) -> TaskMetric:
-    """The accumulator of a task's official metrics."""
-    if spec.kind is TaskKind.SEGMENTATION:
-        return SegmentationMetric(spec.num_classes)
-    if spec.kind is TaskKind.CLASSIFICATION:
-        return ClassificationMetric(spec.num_classes)
-    if spec.kind is TaskKind.DETECTION:
-        return DetectionMetric()
-    return RegressionMetric()
+    """The accumulator of a task's official metrics: the metric of its kind's entry in
+    :mod:`taskgroup.kinds` (which sits above the metrics and imports them)."""
+    from taskgroup.kinds import kind_entry
+
+    return kind_entry(spec).metric(spec)
 
 
 __all__ = [

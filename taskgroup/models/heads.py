@@ -174,7 +174,8 @@ class DetectionHead(nn.Module):
 
 HeadBuilder = Callable[[TaskSpec, int, int, int, int], nn.Module]
 
-#: builders by task kind: (spec, in_channels, patch_size, image_size, hidden) -> head
+#: builders by task kind: (spec, in_channels, patch_size, image_size, hidden) -> head; the ``head``
+#: of each entry of :mod:`taskgroup.kinds` (kept here so that models build heads without it)
 HEADS: dict[TaskKind, HeadBuilder] = {
     TaskKind.SEGMENTATION: lambda s, c, p, i, h: SegmentationHead(c, s.num_classes, p, i, h),
     TaskKind.CLASSIFICATION: lambda s, c, p, i, h: ClassificationHead(c, s.num_classes, h),

@@ -67,8 +67,9 @@ class EvaluationCallback(Callback):
             splits["test"] = engine.evaluate("test")
         if engine.dist.is_main:
             file = self.metrics_file(engine)
-            text = io.StringIO()  # appended as before (csv's line ends), but the file replaced whole
-            writer = csv.writer(text)
+            text = io.StringIO()  # appended, the file replaced whole; "\n" as pandas writes
+            # the file when a resume cuts it back to the checkpoint's step
+            writer = csv.writer(text, lineterminator="\n")
             if not file.exists():
                 writer.writerow(METRIC_FIELDS)
             for split, split_scores in splits.items():

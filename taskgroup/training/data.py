@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from taskgroup.config import DataConfig
+from taskgroup.config import DataConfig, record_dir
 from taskgroup.data import (
     Batch,
     FMUIAIndex,
@@ -202,11 +202,6 @@ def _split_data(
             targets[task] = torch.stack([target(dataset, r) for r in dataset.records])
             progress.advance(bar, len(dataset))
     return SplitData(datasets, images, targets)
-
-
-def record_dir(cfg: DataConfig) -> Path:
-    """Where validation records the files that decoded without error (see ``load_index``)."""
-    return Path(os.path.expanduser(cfg.cache_dir)) / "decoded"
 
 
 def subsample(records: Sequence[Record], fraction: float, task: str) -> tuple[Record, ...]:

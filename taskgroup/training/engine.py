@@ -48,10 +48,8 @@ from taskgroup.config import DataConfig, TrainConfig
 from taskgroup.data import Batch, MultiTaskBatchSampler
 from taskgroup.data.fmuia import record_target
 from taskgroup.errors import TaskgroupError
-from taskgroup.evaluation import update_metric
-from taskgroup.losses import task_loss
-from taskgroup.metrics import build_task_metric
-from taskgroup.models import M2DINO, decode_outputs
+from taskgroup.kinds import decode_outputs, kind_entry
+from taskgroup.models import M2DINO
 from taskgroup.runtime import WriteError, load_state, non_finite, remove_temporaries, save_state
 from taskgroup.tasks import TaskSpec
 from taskgroup.training.data import TrainingData
@@ -338,7 +336,8 @@ class Engine:
             if key not in self._ground_truth:
                 self._ground_truth[key] = [record_target(r) for r in data.records(task)]
             truth = self._ground_truth[key]
-            metric = build_task_metric(spec)
+            kind = kind_entry(spec)
+            metric = kind.metric(spec)
             n = data.size(task)
             for start in range(0, n, self.data_cfg.batch_size):
                 positions = list(range(start, min(n, start + self.data_cfg.batch_size)))
@@ -348,7 +347,7 @@ class Engine:
                 for pred, pos in zip(
                     decode_outputs(spec, output, batch, data.records(task)), positions, strict=True
                 ):
-                    update_metric(metric, pred, truth[pos])
+                    kind.update(metric, pred, truth[pos])
             scores[task] = metric.aggregate()
         self.model.train(was_training)
         return scores
@@ -368,7 +367,8 @@ class Engine:
 
     def loss(self, task: str, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The (unweighted) loss of ``task``'s head output on its batch."""
-        return task_loss(self.tasks[task], output.float(), batch.targets, self.data_cfg.image_size)
+        spec = self.tasks[task]
+        return kind_entry(spec).loss(output.float(), batch.targets, self.data_cfg.image_size)
 
     def next_batch(self) -> Batch:
         task, positions = self.sampler.next_batch()

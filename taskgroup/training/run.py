@@ -1,11 +1,11 @@
 """Train every network of a grouping and serve each task from its best network.
 
 A paradigm is only a way to cut the tasks into sets: TS, CG, AU and any grouping file all go
-through :func:`train_grouping`, which trains each network with the one engine and then picks, for
-every task, the network that is best for it on validation (overlapping groups, as in Standley et
-al. 2020); when the data has a held-out test split, the chosen network's test metrics at the
-chosen step are reported beside (``served.csv``: ``test_value``, ``test_<metric>``). A run folder
-holds::
+through the stage :func:`taskgroup.stages.train.train_grouping`, which trains each network
+(:func:`train_network`) with the one engine and then picks, for every task, the network that is
+best for it on validation (overlapping groups, as in Standley et al. 2020); when the data has a
+held-out test split, the chosen network's test metrics at the chosen step are reported beside
+(``served.csv``: ``test_value``, ``test_<metric>``). A run folder holds::
 
     config.yaml  grouping.yaml  log.txt  metrics.csv  served.csv  [config_history.yaml]
     networks/<name>/  network.json  metrics.csv  best.json  done.json  checkpoints/{last.pt,best/}
@@ -48,16 +48,15 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
-from rich.console import Console
 
 from taskgroup.config import RunConfig, config_hash, load_run_config, to_mapping
 from taskgroup.errors import ConfigError, TaskgroupError
 from taskgroup.groupings import Grouping
 from taskgroup.models import build_model
-from taskgroup.runtime import atomic_write_text, configure_cpu, lock_folder, timestamp
-from taskgroup.tasks import TaskRegistry, load_registry
+from taskgroup.runtime import atomic_write_text, lock_folder, timestamp
+from taskgroup.tasks import TaskRegistry
 from taskgroup.training.callbacks import CheckpointCallback, EvaluationCallback, ProgressCallback
-from taskgroup.training.data import TrainingData, prepare_data
+from taskgroup.training.data import TrainingData
 from taskgroup.training.distributed import DistInfo, barrier, init_distributed
 from taskgroup.training.engine import Callback, Engine
 
@@ -430,103 +429,3 @@ def serve_tasks(
         return frame
     tested = ["test_value", *(c for c in frame.columns if c.startswith("test_") and c != "test_value")]
     return frame[[c for c in frame.columns if not c.startswith("test_")] + tested]  # val, then test
-
-
-def _log_to(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
-
-
-def train_grouping(
-    cfg: RunConfig,
-    grouping: Grouping,
-    out_dir: str | Path,
-    registry: TaskRegistry | None = None,
-    console: Console | None = None,
-    resume_with_changes: bool = False,
-) -> RunResult:
-    """Train every network of ``grouping`` into ``out_dir`` and serve every task. The folder is
-    locked for the run; one of another config or grouping is refused before anything is written
-    (``resume_with_changes``: but for learning rates, see the module doc)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    registry = registry or load_registry(cfg.registry)
-    configure_cpu(cfg.train.threads)
-    dist_info, _ = init_distributed(cfg.train.device)
-    from taskgroup.training.pretrain import resolve_pretrained  # it trains through this module
-
-    with lock_folder(out_dir) if dist_info.is_main else contextlib.nullcontext():
-        # compared as the folder holds it (the encoder's path), before pretraining it if need be
-        changes = check_run_folder(
-            out_dir, resolve_pretrained(cfg, build=False), grouping, resume_with_changes
-        )
-        handler = _log_to(out_dir / "log.txt") if dist_info.is_main else logging.NullHandler()
-        try:
-            # the data first: bad data is refused before minutes of pretraining
-            data = prepare_data(cfg.data, registry, grouping.tasks, report_dir=out_dir)
-            cfg = resolve_pretrained(cfg)
-            # only now: a run refused for its data leaves no config.yaml to block the fixed rerun
-            if dist_info.is_main:
-                write_run_files(out_dir, cfg, grouping, changes)
-            if changes:
-                log.info(
-                    "config changed (%s): %s; recorded in %s",
-                    RESUME_FLAG,
-                    describe_changes(changes),
-                    CONFIG_HISTORY,
-                )
-            return _train_networks(
-                cfg, grouping, out_dir, registry, data, console, resume_with_changes, dist_info.is_main
-            )
-        finally:
-            log.removeHandler(handler)
-            handler.close()
-
-
-def _train_networks(
-    cfg: RunConfig,
-    grouping: Grouping,
-    out_dir: Path,
-    registry: TaskRegistry,
-    data: TrainingData,
-    console: Console | None,
-    resume_with_changes: bool,
-    main: bool,
-) -> RunResult:
-    """The part of :func:`train_grouping` that runs with the folder locked, its data loaded and
-    its files written."""
-    log.info(
-        "data: %s (networks chosen on the %s; %s)",
-        data.root,
-        data.val_source,
-        f"reported on the {data.test_source} too" if data.test_source else "no test split",
-    )
-    networks: dict[str, NetworkResult] = {}
-    progress = ProgressCallback.make_progress(console)
-    with progress:
-        for name, tasks in grouping.groups.items():
-            networks[name] = train_network(
-                cfg,
-                registry,
-                tasks,
-                out_dir / "networks" / safe_name(name),
-                name,
-                data,
-                progress=progress,
-                resume_with_changes=resume_with_changes,
-                resumable=True,
-            )
-    served = serve_tasks(grouping, networks, registry)
-    frames = [
-        pd.read_csv(n.out_dir / "metrics.csv")
-        for n in networks.values()
-        if (n.out_dir / "metrics.csv").exists()
-    ]
-    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if main:
-        atomic_write_text(out_dir / "served.csv", served.to_csv(index=False))
-        atomic_write_text(out_dir / "metrics.csv", metrics.to_csv(index=False))
-    return RunResult(grouping, networks, served, metrics)

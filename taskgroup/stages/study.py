@@ -145,7 +145,7 @@ def run_study(
 ) -> StudyResult:
     from taskgroup.affinity import run_affinity
     from taskgroup.compare import run_compare
-    from taskgroup.grouping.search import run_search
+    from taskgroup.stages.search import run_search
 
     path = Path(path)
     study = load_study(path)
