@@ -25,6 +25,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from taskgroup.errors import TaskgroupError
+from taskgroup.files import atomic_write_text, reason
 
 
 class FolderLocked(TaskgroupError):
@@ -55,11 +56,6 @@ def holder(lock: Path) -> str | None:
         return f"pid {found['pid']} on {found['host']}, since {found['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def reason(error: OSError) -> str:
-    """An OS error's reason in words (``No locks available``), without the errno prefix."""
-    return os.strerror(error.errno) if error.errno else str(error)
 
 
 @contextlib.contextmanager
@@ -97,14 +93,14 @@ def hold_lock(
         raise LockUnavailable(unavailable(reason(exc))) from None
     record = holder_path(lock)
     try:
-        # written in place, not atomically: it only informs another process's message, which
-        # reads a torn file as an unknown holder (and runtime's atomic writes need torch)
-        with contextlib.suppress(OSError):
-            record.write_text(
-                json.dumps(
-                    {"pid": os.getpid(), "host": socket.gethostname(), "since": timestamp(), "argv": sys.argv}
-                )
-            )
+        holder_record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": timestamp(),
+            "argv": sys.argv,
+        }
+        with contextlib.suppress(OSError):  # it only informs another process's message
+            atomic_write_text(record, json.dumps(holder_record))
         yield
     finally:
         with contextlib.suppress(OSError):

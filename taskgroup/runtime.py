@@ -16,28 +16,31 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from taskgroup.errors import TaskgroupError
+from taskgroup.files import MAX_THREADS_ENV as MAX_THREADS_ENV  # re-exported: where callers import them
+from taskgroup.files import WriteError as WriteError
+from taskgroup.files import atomic_write as atomic_write
+from taskgroup.files import atomic_write_bytes as atomic_write_bytes
+from taskgroup.files import atomic_write_text as atomic_write_text
+from taskgroup.files import remove_temporaries as remove_temporaries
+from taskgroup.files import temporary_name as temporary_name
+from taskgroup.files import thread_cap
 from taskgroup.locks import FolderLocked as FolderLocked  # re-exported: where callers import them
 from taskgroup.locks import LockUnavailable as LockUnavailable
-from taskgroup.locks import hold_lock, reason
+from taskgroup.locks import hold_lock
 from taskgroup.locks import timestamp as timestamp
 
 log = logging.getLogger("taskgroup")
-
-# Several processes sharing one machine (parallel test workers, several runs side by side) cap
-# each one's torch threads with this variable; it wins over a config's ``train.threads``.
-MAX_THREADS_ENV = "TASKGROUP_MAX_THREADS"
 
 #: the lock of a folder written by one process at a time, and the file naming its holder
 LOCK_NAME = ".taskgroup.lock"
@@ -45,10 +48,6 @@ HOLDER_NAME = LOCK_NAME + ".json"  # locks.holder_path
 
 #: how :func:`encode_state` marks a numpy array (or scalar) turned into a tensor
 NUMPY_TAG = "__numpy__"
-
-
-class WriteError(TaskgroupError):
-    """A file could not be written (full disk, file size limit, permissions)."""
 
 
 class CheckpointError(TaskgroupError):
@@ -65,20 +64,6 @@ def pick_device(preference: str = "auto") -> torch.device:
     return device
 
 
-def thread_cap() -> int | None:
-    """The ``TASKGROUP_MAX_THREADS`` cap on a process's torch threads (None: no cap)."""
-    value = os.environ.get(MAX_THREADS_ENV, "").strip()
-    if not value:
-        return None
-    try:
-        cap = int(value)
-    except ValueError:
-        cap = 0
-    if cap < 1:
-        raise ValueError(f"{MAX_THREADS_ENV}={value!r}: expected a whole number of threads >= 1")
-    return cap
-
-
 def configure_cpu(threads: int | None = None) -> None:
     """Flush denormals (tiny ViTs on the CPU run 10-80x faster: measured) and set the threads:
     ``threads`` (None: torch's default), at most ``TASKGROUP_MAX_THREADS`` when that is set."""
@@ -88,114 +73,6 @@ def configure_cpu(threads: int | None = None) -> None:
         threads = min(threads or torch.get_num_threads(), cap)
     if threads:
         torch.set_num_threads(threads)
-
-
-# -- atomic writes ---------------------------------------------------------------------------
-class _RecordingFile:
-    """A binary file that remembers the OS error of a failed write: ``torch.save`` reports one as
-    a ``RuntimeError`` naming neither the file nor the reason."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        self.file = file
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-
-    def flush(self) -> None:
-        try:
-            self.file.flush()
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable (the folder's entry); not every file system allows it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def temporary_name(path: Path) -> Path:
-    """The temporary file :func:`atomic_write` writes ``path`` through (hidden, ``.tmp``)."""
-    return path.parent / f".{path.name}.{os.getpid()}.tmp"
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], object]) -> Path:
-    """Write ``path`` through ``write(file)``: into a temporary file in the same folder, fsynced,
-    then renamed over ``path``, so readers (and a later run) see the previous file or the whole
-    new one, never a part. On any failure the temporary file is removed; an OS error (a full
-    disk, ``ulimit -f``) becomes a :class:`WriteError` naming ``path`` and the reason."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    recording: _RecordingFile | None = None
-    try:
-        # os.open applies the umask (mkstemp would make every artefact private to its owner)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        with os.fdopen(fd, "wb") as file:
-            recording = _RecordingFile(file)
-            write(recording)
-            recording.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        error = recording.error if recording is not None and recording.error else exc
-        if isinstance(error, OSError):
-            raise WriteError(
-                f"{path}: could not be written ({reason(error)}); the previous file, if any, is left as it was"
-            ) from error
-        raise
-    _fsync_folder(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """``data`` into ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda file: file.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """``text`` (UTF-8) into ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-_TEMPORARY_PID = re.compile(r"\.(\d+)\.tmp$")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def remove_temporaries(folder: Path) -> None:
-    """Remove the temporary files of writes that a killed process left in ``folder``. The caller
-    holds the folder's lock (:func:`lock_folder`), so no other taskgroup process writes there;
-    even so a temporary file of a live process of this machine (its pid is in the name) is left
-    alone, only those of this process and of processes that are gone are removed."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        found = _TEMPORARY_PID.search(tmp.name)
-        pid = int(found.group(1)) if found else None
-        if pid is not None and pid != os.getpid() and _process_alive(pid):
-            continue
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 # -- checkpoints that load without running code ------------------------------------------------

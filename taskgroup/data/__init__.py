@@ -1,65 +1,53 @@
 """Data: the FM_UIA reader and validation, datasets, split, samplers, submission format and the
-embedded synthetic benchmark."""
+embedded synthetic benchmark.
+
+The names below are loaded from their module when first used (PEP 562), so that importing one
+torch-free module of the package (the reader, the split) does not import torch through
+:mod:`taskgroup.data.dataset`."""
 
 from __future__ import annotations
 
-from taskgroup.data.dataset import (
-    Batch,
-    Example,
-    TaskDataset,
-    collate_examples,
-    scale_points,
-    to_original_points,
-)
-from taskgroup.data.fmuia import (
-    BadRow,
-    FMUIAIndex,
-    Record,
-    find_roots,
-    load_index,
-    read_csvs,
-    read_mask,
-    resolve_path,
-)
-from taskgroup.data.sampler import MultiTaskBatchSampler, SamplingStrategy, task_probabilities
-from taskgroup.data.split import Split, split_index
-from taskgroup.data.submission import (
-    ClassificationPrediction,
-    DetectionPrediction,
-    PredictionSet,
-    RegressionPrediction,
-    SegmentationPrediction,
-    ground_truth_as_predictions,
-    read_predictions,
-    write_predictions,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "BadRow",
-    "Batch",
-    "ClassificationPrediction",
-    "DetectionPrediction",
-    "Example",
-    "FMUIAIndex",
-    "MultiTaskBatchSampler",
-    "PredictionSet",
-    "Record",
-    "RegressionPrediction",
-    "SamplingStrategy",
-    "SegmentationPrediction",
-    "Split",
-    "TaskDataset",
-    "collate_examples",
-    "find_roots",
-    "ground_truth_as_predictions",
-    "load_index",
-    "read_csvs",
-    "read_mask",
-    "read_predictions",
-    "resolve_path",
-    "scale_points",
-    "split_index",
-    "task_probabilities",
-    "to_original_points",
-    "write_predictions",
-]
+#: name -> the module of this package that defines it
+_EXPORTS = {
+    "BadRow": "fmuia",
+    "Batch": "dataset",
+    "ClassificationPrediction": "submission",
+    "DetectionPrediction": "submission",
+    "Example": "dataset",
+    "FMUIAIndex": "fmuia",
+    "MultiTaskBatchSampler": "sampler",
+    "PredictionSet": "submission",
+    "Record": "fmuia",
+    "RegressionPrediction": "submission",
+    "SamplingStrategy": "sampler",
+    "SegmentationPrediction": "submission",
+    "Split": "split",
+    "TaskDataset": "dataset",
+    "collate_examples": "dataset",
+    "find_roots": "fmuia",
+    "ground_truth_as_predictions": "submission",
+    "load_index": "fmuia",
+    "read_csvs": "fmuia",
+    "read_mask": "fmuia",
+    "read_predictions": "submission",
+    "resolve_path": "fmuia",
+    "scale_points": "dataset",
+    "split_index": "split",
+    "task_probabilities": "sampler",
+    "to_original_points": "dataset",
+    "write_predictions": "submission",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -38,7 +38,7 @@ from filelock import FileLock, Timeout
 from PIL import Image
 
 from taskgroup.errors import ConfigError, DataError, did_you_mean
-from taskgroup.runtime import WriteError, atomic_write_text, thread_cap
+from taskgroup.files import WriteError, atomic_write_text, thread_cap
 from taskgroup.tasks import TaskKind, TaskRegistry, TaskSpec
 
 log = logging.getLogger("taskgroup")
