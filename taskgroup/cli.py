@@ -18,6 +18,7 @@ import no torch).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -166,9 +167,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--method",
         nargs="+",
         default=None,
-        choices=["partition", "select", "optuna"],
-        help="search methods (default: the config's search.methods, all three)",
+        choices=["partition", "select", "optuna", "active"],
+        help="search methods (default: the config's search.methods: partition, select, optuna); "
+        "active: the active search on --groups-table with --oracle table",
     )
+    p.add_argument("--oracle", choices=["table", "engine"], default=None, help="active: who measures a set")
+    p.add_argument("--trainings", type=int, default=None, metavar="N", help="active: sets to train")
+    p.add_argument("--batch", type=int, default=None, metavar="B", help="active: sets per round")
     p.add_argument(
         "--estimator", nargs="+", default=None, help="affinity methods to use (default: all found)"
     )
@@ -518,8 +523,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     extra += [f"search.max_groups={args.max_groups}"] if args.max_groups else []
     extra += [_set("search.storage", args.storage)] if args.storage else []
     extra += [f"search.trained_trials={args.trained}"] if args.trained else []
+    extra += [f"search.oracle={args.oracle}"] if args.oracle else []
+    extra += [f"search.trainings={args.trainings}"] if args.trainings else []
+    extra += [f"search.batch={args.batch}"] if args.batch else []
     cfg = load_run_config(args.config, [*args.overrides, *_bad_row_overrides(args), *extra])
     registry = load_registry(cfg.registry)
+    if "active" in cfg.search.methods:
+        from taskgroup.stages.active import run_active
+
+        outcome = run_active(
+            cfg.search, registry, args.out, args.groups_table, args.affinity, console=console
+        )
+        console.print(
+            f"proposals in {outcome.out / 'proposals'}, predictions in {outcome.out / 'predicted.csv'}"
+        )
+        rest = tuple(m for m in cfg.search.methods if m != "active")
+        if not rest:
+            return 0
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, methods=rest))
     result = run_search(
         cfg.search, registry, args.out, args.affinity, args.groups_table, console=console, run_cfg=cfg
     )

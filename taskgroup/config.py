@@ -475,6 +475,8 @@ class AffinityConfig:
 
 
 SEARCH_METHODS = ("partition", "select", "optuna")
+#: every method ``search.methods`` may name: the defaults and the active search (issue 27)
+SEARCH_METHOD_NAMES = (*SEARCH_METHODS, "active")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -532,13 +534,25 @@ class SearchConfig:
     # partition through the engine (0 = off), pruned by ``pruner``
     trained_trials: int = 0
     pruner: Literal["median", "successive_halving", "none"] = "median"
+    # the active search (method ``active``, taskgroup/stages/active.py): this many task sets
+    # trained (asked of the ``oracle``), ``batch`` at a time, chosen from ``samples`` posterior
+    # samples per round; the first ``start_pairs`` of them random pairs
+    trainings: int = 50
+    batch: int = 4
+    samples: int = 16
+    start_pairs: float = 0.5
+    oracle: Literal["table", "engine"] = "table"
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in SEARCH_METHODS]
+        unknown = [m for m in self.methods if m not in SEARCH_METHOD_NAMES]
         if unknown:
             raise ValueError(
-                f"unknown search method {unknown[0]!r}; {did_you_mean(unknown[0], SEARCH_METHODS)}"
+                f"unknown search method {unknown[0]!r}; {did_you_mean(unknown[0], SEARCH_METHOD_NAMES)}"
             )
+        if self.trainings < 1 or self.batch < 1 or self.samples < 1:
+            raise ValueError("trainings, batch and samples must be at least 1")
+        if not 0 <= self.start_pairs <= 1:
+            raise ValueError(f"start_pairs must be in [0, 1], got {self.start_pairs}")
         if self.max_groups < 1 or self.trials < 1 or self.pareto_trials < 1:
             raise ValueError("max_groups, trials and pareto_trials must be at least 1")
         if min(self.partners, self.shrink, self.penalty) < 0:

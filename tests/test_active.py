@@ -5,8 +5,10 @@ and a stopped search resumes without asking again."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -152,3 +154,35 @@ def test_fitting_needs_two_measured_gains(bad):
     measured = {s: {s[0]: 0.1} for s in bad}
     with pytest.raises(ValueError, match="at least two measured gains"):
         surrogate.fit(measured)
+
+
+TRUTH_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "truth_table"
+
+
+def test_taskgroup_search_active_writes_its_artefacts_and_resumes(tmp_path, capsys):
+    """`taskgroup search --method active` on the committed truth table: the artefacts issue 27
+    names, and a rerun with more trainings asks only for new sets."""
+    from taskgroup.cli import main
+
+    out = tmp_path / "active"
+    args = ["search", str(TRUTH_TABLE / "affinity"), "--method", "active", "--groups-table"]
+    args += [str(TRUTH_TABLE / "val.csv"), "--batch", "4", "--budget", "2", "--out", str(out)]
+    assert main([*args, "--trainings", "8"]) == 0
+    first = pd.read_csv(out / "trainings.csv")
+    assert len(first) == 8 and first["round"].tolist() == [1] * 4 + [2] * 4
+    predicted = pd.read_csv(out / "predicted.csv")
+    assert len(predicted) == 8 * 2**7  # every set of the 8 tasks, one row per member
+    assert predicted["measured"].sum() == 8 + sum(len(s.split("+")) for s in first["tasks"])
+    assert (predicted.loc[predicted.measured == 0, "std"] > 0).all()
+    assert (out / "proposals" / "active-b2.yaml").exists() and (out / "active.png").exists()
+    assert main([*args, "--trainings", "12"]) == 0
+    again = pd.read_csv(out / "trainings.csv")
+    assert again["tasks"].tolist()[:8] == first["tasks"].tolist() and len(set(again["tasks"])) == 12
+    assert "resuming: 8 set(s) measured earlier" in capsys.readouterr().out
+
+
+def test_the_engine_oracle_is_refused_until_it_exists(tmp_path, capsys):
+    from taskgroup.cli import main
+
+    code = main(["search", "--method", "active", "--oracle", "engine", "--out", str(tmp_path / "a")])
+    assert code == 2 and "not built yet" in capsys.readouterr().out.replace("\n", " ")

@@ -195,11 +195,17 @@ class GainSurrogate:
 
 @dataclasses.dataclass(frozen=True)
 class Round:
-    """One round of the active search: the sets trained, and the surrogate's error on them
-    before they were measured (mean absolute error of their member gains)."""
+    """One round of the active search: the sets trained, each with the surrogate's error on it
+    before it was measured (mean absolute error of its member gains; against the prior mean 0
+    before the first fit), and their measured gains."""
 
     sets: tuple[TaskSet, ...]
-    error_before: float
+    errors: tuple[float, ...]
+    gains: Mapping[TaskSet, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def error_before(self) -> float:
+        return float(np.mean(self.errors))
 
 
 @dataclasses.dataclass
@@ -262,10 +268,13 @@ def active_search(
             chosen = [pairs[i] for i in rng.choice(len(pairs), size=min(size, len(pairs)), replace=False)]
             before = np.zeros(len(surrogate.rows))  # the prior mean
         got = oracle.measure(chosen)
-        errors = [abs(before[surrogate.row_of[(s, t)]] - g) for s in chosen for t, g in got[s].items()]
+        errors = [
+            float(np.mean([abs(before[surrogate.row_of[(s, t)]] - g) for t, g in got[s].items()]))
+            for s in chosen
+        ]
         known.update(got)
         spent += len(chosen)
-        rounds.append(Round(tuple(chosen), float(np.mean(errors))))
+        rounds.append(Round(tuple(chosen), tuple(errors), got))
         if progress is not None:
             progress(rounds[-1])
     surrogate.fit(known)
