@@ -22,6 +22,7 @@ TORCH_FREE = [
     "taskgroup.files",
     "taskgroup.data.fmuia",  # the reader: `taskgroup tasks --data` needs no torch
     "taskgroup.data.split",
+    "taskgroup.matrices",
 ]
 
 

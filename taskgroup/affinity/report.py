@@ -27,26 +27,21 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from taskgroup.matrices import CORNER as CORNER  # the first header cell, kept importable here
+from taskgroup.matrices import REPORTED, AffinityMatrix
 from taskgroup.plotting import pyplot, symmetric_limit
 from taskgroup.tasks import TaskRegistry
 
-CORNER = "source \\ target"
-
 
 def matrix_frame(matrix: np.ndarray, tasks: Sequence[str]) -> pd.DataFrame:
-    frame = pd.DataFrame(matrix, index=list(tasks), columns=list(tasks))
-    frame.index.name = CORNER
-    return frame
+    """The labelled frame of ``matrix`` over ``tasks`` (:meth:`AffinityMatrix.frame`)."""
+    return AffinityMatrix(tuple(tasks), matrix, "").frame()
 
 
 def read_matrix(path: str | Path) -> pd.DataFrame:
-    """A matrix CSV written here, back as a labelled frame (source rows, target columns)."""
-    frame = pd.read_csv(path, index_col=0)
-    if frame.index.name != CORNER:
-        raise ValueError(f"{path}: not an affinity matrix (its first header cell is not {CORNER!r})")
-    if list(frame.index) != list(frame.columns):
-        raise ValueError(f"{path}: rows and columns name different tasks")
-    return frame
+    """A matrix CSV written here, back as a labelled frame (source rows, target columns); a
+    thin wrapper of :meth:`AffinityMatrix.from_csv` for the callers that want the frame."""
+    return AffinityMatrix.from_csv(path).frame()
 
 
 def cluster_order(matrix: np.ndarray) -> list[int]:
@@ -142,9 +137,9 @@ def write_method(
     """Write one method's folder (see the module doc); returns it."""
     folder = Path(out_dir) / method
     folder.mkdir(parents=True, exist_ok=True)
-    matrix_frame(matrix, tasks).to_csv(folder / "matrix.csv")
+    AffinityMatrix(tuple(tasks), matrix, method, REPORTED, meta).to_csv(folder / f"{REPORTED}.csv")
     for name, values in (quantities or {}).items():
-        matrix_frame(values, tasks).to_csv(folder / f"{name}.csv")
+        AffinityMatrix(tuple(tasks), values, method, name).to_csv(folder / f"{name}.csv")
     long_frame(method, long_rows).to_parquet(folder / "long.parquet", index=False)
     plot_heatmap(matrix, tasks, registry, method, folder / "heatmap.png")
     full = {

@@ -40,6 +40,7 @@ from taskgroup.affinity.trained import pairwise_jobs, pairwise_matrix, subset_jo
 from taskgroup.config import RunConfig, hide_password, to_mapping
 from taskgroup.data.synthetic import planted_labels
 from taskgroup.errors import ConfigError
+from taskgroup.matrices import REPORTED, AffinityMatrix
 from taskgroup.runtime import configure_cpu, load_state, save_state
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training import ProgressCallback, prepare_data, train_network
@@ -73,6 +74,23 @@ class AffinityResult:
     matrices: dict[str, np.ndarray]  # method -> reported matrix
     folders: dict[str, Path]
     separation: dict[str, dict[str, Any]]  # method -> planted-group separation (synthetic data)
+
+    def affinity_matrices(self) -> dict[str, AffinityMatrix]:
+        """Method -> its reported matrix as an :class:`AffinityMatrix` (its meta: the method's
+        folder and, on synthetic data, the planted-group separation)."""
+        return {
+            method: AffinityMatrix(
+                tuple(self.tasks),
+                matrix,
+                method,
+                REPORTED,
+                {
+                    **({"folder": str(self.folders[method])} if method in self.folders else {}),
+                    **({"planted_separation": self.separation[method]} if method in self.separation else {}),
+                },
+            )
+            for method, matrix in self.matrices.items()
+        }
 
 
 def _types(tasks: Sequence[str], registry: TaskRegistry) -> list[str]:

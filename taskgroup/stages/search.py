@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from taskgroup.affinity.report import plot_heatmap, read_matrix
+from taskgroup.affinity.report import plot_heatmap
 from taskgroup.config import RunConfig, SearchConfig, from_mapping, hide_password, load_yaml, to_mapping
 from taskgroup.data.synthetic import planted_labels
 from taskgroup.errors import ConfigError, DataError
@@ -52,6 +52,7 @@ from taskgroup.grouping.proposals import (
 )
 from taskgroup.grouping.select import read_groups_table, select_milp
 from taskgroup.groupings import Grouping
+from taskgroup.matrices import AffinityMatrix
 from taskgroup.plotting import pyplot
 from taskgroup.tasks import TaskRegistry
 
@@ -81,10 +82,10 @@ class SearchResult:
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def read_estimators(runs: Sequence[Path], wanted: Sequence[str] = ()) -> dict[str, pd.DataFrame]:
+def read_estimators(runs: Sequence[Path], wanted: Sequence[str] = ()) -> dict[str, AffinityMatrix]:
     """Every ``<run>/<method>/matrix.csv`` as ``method`` (``<run name>/method`` when several runs
     are given); ``wanted`` keeps those methods only."""
-    found: dict[str, pd.DataFrame] = {}
+    found: dict[str, AffinityMatrix] = {}
     for run in runs:
         run = Path(run)
         if not run.is_dir():
@@ -97,7 +98,7 @@ def read_estimators(runs: Sequence[Path], wanted: Sequence[str] = ()) -> dict[st
                 continue
             name = folder.name if len(runs) == 1 else f"{run.name}/{folder.name}"
             try:
-                found[name] = read_matrix(folder / "matrix.csv")
+                found[name] = AffinityMatrix.from_csv(folder / "matrix.csv")
             except ValueError as exc:
                 raise DataError(str(exc)) from None
     if not found:
@@ -248,20 +249,20 @@ def run_search(
     start = time.perf_counter()
     if affinity_runs:
         matrices = read_estimators(list(affinity_runs), cfg.estimators)
-        tasks = list(next(iter(matrices.values())).index)
-        for name, frame in matrices.items():
-            unknown = [t for t in frame.index if t not in registry]
+        tasks = list(next(iter(matrices.values())).tasks)
+        for name, matrix in matrices.items():
+            unknown = [t for t in matrix.tasks if t not in registry]
             if unknown:
                 raise DataError(f"estimator {name}: unknown task {unknown[0]!r} in its matrix")
-            if list(frame.index) != tasks:
+            if list(matrix.tasks) != tasks:
                 raise DataError(
                     f"estimator {name}: its matrix covers other tasks than {next(iter(matrices))}'s"
                 )
         sizes, synthetic = training_sizes(Path(affinity_runs[0]), registry, tasks)
         meta["train_sizes"] = sizes
-        for name, frame in matrices.items():
+        for name, matrix in matrices.items():
             t0 = time.perf_counter()
-            predictor = GainPredictor.from_config(frame.to_numpy(), tasks, sizes, cfg)
+            predictor = GainPredictor.from_config(matrix.values.copy(), tasks, sizes, cfg)
             predictors[name] = predictor
             found, info, pareto = search_estimator(name, predictor, cfg, registry, storage)
             proposals += baselines(predictor, registry, name) + found
