@@ -261,8 +261,8 @@ def active_search(
         size = min(batch, trainings - spent)
         pairs_left = [s for s in open_sets if len(s) == 2]
         if surrogate.fitted and (spent >= start_pairs * trainings or not pairs_left):
-            chosen = _thompson_batch(surrogate, known, open_sets, rng, size, budgets, samples)
-            before, _ = surrogate.predict()
+            before, std = surrogate.predict()
+            chosen = _thompson_batch(surrogate, std, known, open_sets, rng, size, budgets, samples)
         else:  # the start: pairs at random (each one a pair term of the model)
             pairs = pairs_left or list(open_sets)
             chosen = [pairs[i] for i in rng.choice(len(pairs), size=min(size, len(pairs)), replace=False)]
@@ -283,6 +283,7 @@ def active_search(
 
 def _thompson_batch(
     surrogate: GainSurrogate,
+    std: np.ndarray,
     known: Mapping[TaskSet, Mapping[str, float]],
     open_sets: Sequence[TaskSet],
     rng: np.random.Generator,
@@ -301,7 +302,6 @@ def _thompson_batch(
             for c in selection.chosen:
                 if table[c].tasks in votes:
                     votes[table[c].tasks] += 1
-    _, std = surrogate.predict()
     spread = {s: float(np.mean([std[surrogate.row_of[(s, t)]] for t in s])) for s in open_sets}
     ranked = sorted(open_sets, key=lambda s: (-votes[s], -spread[s], s))
     return ranked[:batch]

@@ -190,6 +190,7 @@ def _proposals(result: ActiveResult, cfg: SearchConfig, tasks: Sequence[str], ou
     interval of its mean served gain (200 joint samples; measured gains fixed)."""
     surrogate = result.surrogate
     table = result.table()
+    position = {key(c.tasks): i for i, c in enumerate(table)}
     draws = surrogate.sample(np.random.default_rng(cfg.seed), 200)
     found = {}
     for budget in cfg.budgets:
@@ -200,7 +201,7 @@ def _proposals(result: ActiveResult, cfg: SearchConfig, tasks: Sequence[str], ou
 
         def value(t: str, s: TaskSet, draw: np.ndarray) -> float:
             if s in result.measured or len(s) == 1:
-                return table[[key(c.tasks) for c in table].index(s)].scores[t]
+                return table[position[s]].scores[t]
             return float(draw[surrogate.row_of[(s, t)]])
 
         totals = np.array([np.mean([value(t, s, d) for t, s in served.items()]) for d in draws])
