@@ -46,3 +46,29 @@ def test_a_job_whose_network_folder_is_locked_is_queued_again_and_trained_later(
     )
     assert len(refused) <= 6  # a wait between attempts (0.2 s, doubling to 0.4 s), not a busy loop
     assert "queued again" in caplog.text
+
+
+def test_a_job_taken_by_a_worker_that_died_before_its_first_heartbeat_is_trained(
+    tiny_synth, registry, tmp_path, caplog
+):
+    """A worker killed between taking a trial (``study.ask``) and its first heartbeat leaves a
+    running trial with no heartbeat, which Optuna never fails as stale: the other workers waited
+    for it for ever (a CI run hung on it). Here the dead worker's ``ask`` is made by hand; the
+    worker fails that trial after the grace period, queues its job again and trains both jobs."""
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    jobs = [NetworkJob(("IUGC",)), NetworkJob(("FUGC",))]
+    study = create_queue(storage_for(sqlite_url(tmp_path / "jobs.db"), 1, 2), "q", cfg, jobs, tmp_path)
+    orphan = study.ask()  # taken, RUNNING, never a heartbeat: its worker died at once
+    assert orphan.user_attrs["job"] == jobs[0].key
+    worker = Worker(study, registry)
+    finished: list[int] = []
+    thread = threading.Thread(target=lambda: finished.append(worker.run(poll=0.1)), daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the worker still waits for the trial its dead peer took"
+    assert finished == [2]
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    complete = [t.user_attrs["job"] for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    assert sorted(complete) == sorted(job.key for job in jobs)
+    assert "never began it" in caplog.text

@@ -13,6 +13,12 @@ What makes it safe:
   after ``grace`` seconds by the next worker that looks, and Optuna's
   ``RetryHeartbeatStaleTrialCallback`` enqueues it again with the same job, so another worker
   takes it and *resumes from the dead worker's last checkpoint* (same network folder);
+- a worker killed in the moment between taking a trial (``study.ask``) and its heartbeat
+  thread's first beat leaves a running trial with no heartbeat at all, which Optuna never calls
+  stale: every worker would wait for it for ever (seen: a test that kills a worker as it takes
+  a job hung CI). The objective marks a trial ``began`` (pid, host) as its first write, so a
+  running trial that is not marked ``grace`` seconds after it started is failed and queued
+  again the same way (:meth:`Worker.fail_unbegun`);
 - a job already complete is never trained again: a duplicate (a job queued twice by two
   coordinators) is marked pruned with the trial that measured it, and a network folder with
   ``done.json`` is reused by :func:`taskgroup.training.run.train_network`;
@@ -33,9 +39,11 @@ A storage URL may hold a password: it is masked wherever it is shown or stored
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +64,8 @@ from taskgroup.training.run import final_scores, network_folder, train_network
 log = logging.getLogger("taskgroup")
 
 JOB = "job"  # the fixed parameter of every queued trial
+#: the user attribute a worker's objective writes first (pid, host): its trial is under way
+BEGAN = "began"
 #: the environment variable ``taskgroup worker`` reads its storage URL from without ``--storage``
 STORAGE_ENV = "TASKGROUP_STORAGE"
 
@@ -179,6 +189,7 @@ class Worker:
         queued = trial.user_attrs.get(JOB)
         if queued is None:  # asked when the queue was already empty: nothing to do
             raise optuna.TrialPruned("no queued job left")
+        trial.set_user_attr(BEGAN, {"pid": os.getpid(), "host": socket.gethostname()})
         key = str(queued)
         job = NetworkJob.from_key(key)
         done = [
@@ -236,8 +247,49 @@ class Worker:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(self.study)
+                self.fail_unbegun(running)
             else:
                 return self.finished
+
+    def fail_unbegun(self, running: Sequence[optuna.trial.FrozenTrial]) -> list[int]:
+        """Fail the running jobs that never began: taken (``study.ask``) more than the storage's
+        grace period ago, yet not marked :data:`BEGAN` by an objective (their worker died before
+        its first heartbeat, so Optuna's :func:`~optuna.storages.fail_stale_trials` never looks at
+        them), and queue each one again through the storage's stale-trial callback. Returns the
+        numbers of the trials failed here (another worker may fail one first)."""
+        storage = self.study._storage  # Optuna's own fail_stale_trials reads it the same way
+        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        if interval is None:  # no heartbeat: nothing is ever stale
+            return []
+        grace = getattr(storage, "grace_period", None) or 2 * interval
+        now = datetime.datetime.now()
+        failed = []
+        for trial in running:
+            started = trial.datetime_start
+            if JOB not in trial.user_attrs or BEGAN in trial.user_attrs or started is None:
+                continue
+            if (now - started).total_seconds() <= grace:
+                continue
+            fresh = self.study._storage.get_trial(trial._trial_id)  # its state and marks now
+            if fresh.state != optuna.trial.TrialState.RUNNING or BEGAN in fresh.user_attrs:
+                continue
+            try:
+                if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+                continue
+            log.warning(
+                "job %s: trial %d was taken %.0f s ago by a worker that never began it (died before "
+                "its first heartbeat); queued again",
+                trial.user_attrs[JOB],
+                trial.number,
+                (now - started).total_seconds(),
+            )
+            callback = storage.get_heartbeat_stale_trial_callback()
+            if callback is not None:
+                callback(self.study, storage.get_trial(trial._trial_id))
+            failed.append(trial.number)
+        return failed
 
 
 def spawn_worker(url: str, study: str, heartbeat: int, grace: int, threads: int | None) -> subprocess.Popen:
