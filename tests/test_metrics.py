@@ -19,6 +19,7 @@ from taskgroup.metrics import (
     dice_per_class,
     hausdorff_per_class,
     paired_box_iou,
+    resize_nearest,
     type_level_summary,
 )
 
@@ -67,6 +68,60 @@ def test_prediction_of_another_size_is_resized_nearest():
     big = np.kron(GT, np.ones((2, 2), int))  # 6x6, each pixel a 2x2 block
     np.testing.assert_allclose(dice_per_class(big, GT, 3), [1, 1, 1])
     np.testing.assert_allclose(hausdorff_per_class(big, GT, 3), [0, 0, 0])
+
+
+def test_resize_follows_opencv_inter_nearest_on_random_masks_and_sizes():
+    """The official scorer resizes a prediction of another size with ``cv2.resize(...,
+    INTER_NEAREST)``; taskgroup's resize equals it pixel for pixel. PIL's NEAREST, used before,
+    samples pixel centres: on these random masks it gives another class at 44 % of the pixels."""
+    cv2 = pytest.importorskip("cv2")
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pil_differs = total = 0
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 90, 2))
+        height, width = (int(v) for v in rng.integers(1, 130, 2))
+        mask = rng.integers(0, 5, (h, w)).astype(np.uint8)
+        expected = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        np.testing.assert_array_equal(resize_nearest(mask, (height, width)), expected)
+        pil = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+        pil_differs += int((pil != expected).sum())
+        total += expected.size
+    assert pil_differs > total / 20  # the rule matters: PIL's would have scored other pixels
+    # the scores follow: a 6x6 prediction of a 4x4 ground truth is read as OpenCV reads it
+    pred = rng.integers(0, 3, (6, 6)).astype(np.uint8)
+    gt = rng.integers(0, 3, (4, 4)).astype(np.uint8)
+    resized = cv2.resize(pred, (4, 4), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_allclose(dice_per_class(pred, gt, 3), dice_per_class(resized, gt, 3))
+
+
+def test_hausdorff_equals_simpleitk_on_random_masks():
+    """SimpleITK's HausdorffDistanceImageFilter (the official scorer's) on random masks of
+    random shapes, blobs and scattered pixels, where both masks hold the class."""
+    sitk = pytest.importorskip("SimpleITK")
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    checked = 0
+    for i in range(40):
+        shape = tuple(int(v) for v in rng.integers(5, 60, 2))
+        masks = []
+        for _ in range(2):
+            noise = rng.random(shape)
+            if i % 2:  # blobs: smoothed noise, thresholded
+                noise = ndimage.gaussian_filter(noise, 2.0)
+                masks.append((noise > np.quantile(noise, 0.8)).astype(np.uint8))
+            else:
+                masks.append((noise < 0.05).astype(np.uint8))
+        pred, gt = masks
+        if not pred.any() or not gt.any():
+            continue
+        measure = sitk.HausdorffDistanceImageFilter()
+        measure.Execute(sitk.GetImageFromArray(pred), sitk.GetImageFromArray(gt))
+        assert hausdorff_per_class(pred, gt, 2)[1] == pytest.approx(measure.GetHausdorffDistance(), abs=1e-9)
+        checked += 1
+    assert checked >= 30
 
 
 def test_task_dice_is_foreground_mean_of_per_class_image_means():
