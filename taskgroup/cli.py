@@ -133,7 +133,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         choices=list(AFFINITY_METHODS),
         help="estimators (default: the config's affinity.methods: lookahead, gradient, readout, attribution)",
     )
-    p.add_argument("--tasks", nargs="+", default=None, help="measure on these tasks only (default: all)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="measure on these tasks only (default: every task with rows in --data, else all 27)",
+    )
     p.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG, help=f"run config YAML (default: {DEFAULT_CONFIG})"
     )
@@ -215,7 +220,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--data", type=Path, default=None, help="FM_UIA root (default: the embedded synthetic benchmark)"
     )
     p.add_argument(
-        "--tasks", nargs="+", default=None, help="compare on these tasks only (default: the groupings')"
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="compare on these tasks only (default: the grouping files', else every task with rows in --data, else all 27)",
     )
     p.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG, help=f"run config YAML (default: {DEFAULT_CONFIG})"
@@ -467,12 +475,15 @@ def _set(key: str, value) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from taskgroup.groupings import load_grouping
+    from taskgroup.groupings import BUILTIN, load_grouping
     from taskgroup.stages.train import train_grouping
+    from taskgroup.training.data import data_tasks
 
     cfg = _run_config(args)
     registry = load_registry(cfg.registry)
     grouping = load_grouping(args.grouping, registry)
+    if str(args.grouping) in BUILTIN:  # ts, cg, au on a root of some tasks: those tasks
+        grouping = grouping.restrict(data_tasks(cfg.data, registry, console=console))
     result = train_grouping(
         cfg, grouping, args.out, registry, console=console, resume_with_changes=args.resume_with_changes
     )

@@ -274,6 +274,10 @@ def _at_least(config: Any, minimum: float, *names: str) -> None:
 # Model configuration (M2DINO). Constructors never see these: ``build_model`` translates.
 
 
+#: ``model.backbone.pretrained: required``: the config refuses to load until a value is given
+PRETRAINED_REQUIRED = "required"
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
     """A timm DINOv3 ViT; ``None`` keeps the named model's own value."""
@@ -285,9 +289,22 @@ class BackboneConfig:
     embed_dim: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
-    pretrained: str | None = None  # a local checkpoint (timm, safetensors, official DINOv3) or "synthetic"
+    # a local checkpoint (timm, safetensors, official DINOv3), "synthetic", "none" (random
+    # weights, said explicitly: stored as None) or "required" (a config that must not train from
+    # random weights by accident, configs/full.yaml: loading it without a value is an error)
+    pretrained: str | None = None
     freeze_blocks: int = 0  # freeze the patch embedding and the first N blocks
     freeze_encoder: bool = False  # freeze every encoder weight (routers and task embeddings train)
+
+    def __post_init__(self) -> None:
+        if self.pretrained is not None and str(self.pretrained).strip().lower() == "none":
+            object.__setattr__(self, "pretrained", None)
+        elif self.pretrained == PRETRAINED_REQUIRED:
+            raise ValueError(
+                "model.backbone.pretrained is required by this config: give the DINOv3 weights "
+                "(--set model.backbone.pretrained=/path/to/dinov3_vits16.pth; nothing downloads), "
+                "or --set model.backbone.pretrained=none to train from random weights"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,7 +433,10 @@ class AffinityConfig:
 
     Probes (``lookahead``, ``gradient``) run every ``every`` steps (the lookahead, about nine
     times dearer, every ``lookahead_every``; None: ``every``) of one multi-task training
-    of ``steps_per_task`` steps per task (None: ``train.steps_per_task``), each on a fresh batch of
+    of ``steps_per_task`` steps per task (None: ``train.steps_per_task``), and at least
+    ``min_probes`` times each whatever the number of tasks (a run too short for ``every`` or
+    ``lookahead_every`` to give that many probes is probed every ``total_steps // min_probes``
+    steps instead), each on a fresh batch of
     ``probe_batch`` images per task (None: ``data.batch_size``). ``blocks``: measure on the
     shared parameters of the last N encoder blocks only (0: all shared parameters).
     ``readout`` is read at the end of that training on ``readout_batches`` batches per task,
@@ -438,6 +458,7 @@ class AffinityConfig:
     methods: tuple[str, ...] = ("lookahead", "gradient", "readout", "attribution")
     every: int = 50
     lookahead_every: int | None = None
+    min_probes: int = 3
     probe_batch: int | None = None
     blocks: int = 0
     readout_batches: int = 4
@@ -470,7 +491,7 @@ class AffinityConfig:
                 f"runs and readout_batches must be at least 1, got {self.runs}, {self.readout_batches}"
             )
         _at_least(self, 1, "probe_batch", "attribution_images", "steps_per_task", "trained_steps_per_task")
-        _at_least(self, 1, "subset_size", "subsets", "heartbeat", "grace")
+        _at_least(self, 1, "min_probes", "subset_size", "subsets", "heartbeat", "grace")
         _check_storage(self)
 
 

@@ -145,3 +145,22 @@ def make_val_only_root(synth: Path, out: Path) -> Path:
     for split in ("train", "val"):
         os.symlink(synth / split, out / split)
     return out
+
+
+def make_subset_root(synth: Path, out: Path, tasks: list[str], splits=("train", "val")) -> Path:
+    """A root in the FM_UIA layout holding only ``tasks`` of the synthetic benchmark ``synth``:
+    each split's CSVs cut to those tasks' rows (files left without rows are not written), its
+    image folders shared through symlinks."""
+    import os
+
+    for split in splits:
+        (out / split / "csv_files").mkdir(parents=True)
+        for item in (synth / split).iterdir():
+            if item.name != "csv_files":
+                os.symlink(item, out / split / item.name)
+        for csv in (synth / split / "csv_files").glob("*.csv"):
+            frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+            kept = frame[frame["task_id"].isin(tasks)]
+            if len(kept):
+                kept.to_csv(out / split / "csv_files" / csv.name, index=False)
+    return out

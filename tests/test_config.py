@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from taskgroup.config import apply_overrides, from_mapping, to_mapping
+from taskgroup.config import apply_overrides, config_hash, from_mapping, load_run_config, to_mapping
 from taskgroup.data.sampler import SamplingStrategy
 from taskgroup.errors import ConfigError
 
@@ -52,3 +52,26 @@ def test_wrong_type_and_bad_enum():
         from_mapping(Outer, {"name": "x", "inner": {"strategy": "uniformm"}}, "cfg")
     with pytest.raises(ConfigError, match="missing"):
         from_mapping(Outer, {}, "cfg")
+
+
+def test_the_full_config_requires_the_pretrained_weights_or_an_explicit_none(tmp_path):
+    from pathlib import Path
+
+    from taskgroup.cli import main
+
+    full = Path(__file__).parents[1] / "configs" / "full.yaml"
+    with pytest.raises(ConfigError, match=r"full.yaml.*model.backbone.pretrained is required"):
+        load_run_config(full)
+    weights = load_run_config(full, ["model.backbone.pretrained=/w/dinov3_vits16.pth"])
+    assert weights.model.backbone.pretrained == "/w/dinov3_vits16.pth"
+    for none in ("none", "None", "null"):
+        random = load_run_config(full, [f"model.backbone.pretrained={none}"])
+        assert random.model.backbone.pretrained is None
+    # explicit none is stored as the default: configs and cached networks hash as before
+    tiny = full.parent / "tiny.yaml"
+    assert config_hash(load_run_config(tiny, ["model.backbone.pretrained=none"])) == config_hash(
+        load_run_config(tiny, ["model.backbone.pretrained=null"])
+    )
+    # on the command line: exit 2 with the way out, before anything is read or trained
+    assert main(["train", "--config", str(full), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()

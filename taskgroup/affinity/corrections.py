@@ -19,7 +19,10 @@ on a measured matrix ``A`` (source rows, target columns) and leave its diagonal 
   mean (off-diagonal entries, one pass). A task that is near everything (a spread attribution
   map resembles every broad one) says nothing about a pair by that alone.
 
-A block with a single off-diagonal entry is left at 0 by ``type_centre`` (its mean is itself).
+A block with fewer than two off-diagonal entries cannot be corrected (its mean is its one
+value: subtracting it would leave 0, which looks like a result and says nothing); it is left
+as measured, and :func:`unestimated` names it so that the run can say so. Likewise the
+task-level step of ``type_task_centre`` needs two targets per source (three tasks).
 The measured effect of each on the synthetic benchmark is in the README (benchmarks/affinity.py).
 """
 
@@ -44,16 +47,36 @@ def correct(matrix: np.ndarray, types: Sequence[str], method: str) -> np.ndarray
     for a in np.unique(types):
         for b in np.unique(types):
             block = np.outer(types == a, types == b) & off & np.isfinite(out)
-            if not block.any():
+            if block.sum() < 2:
                 continue
             out[block] -= out[block].mean()
             if method == "type_scale":
                 std = out[block].std()
                 if std > 0:
                     out[block] /= std
-    if method == "type_task_centre":
+    if method == "type_task_centre" and len(types) >= 3:
         values = np.where(off, out, np.nan)
         rows = np.nanmean(values, axis=1, keepdims=True)
         cols = np.nanmean(values, axis=0, keepdims=True)
         out[off] = (out - rows - cols + np.nanmean(values))[off]
     return out
+
+
+def unestimated(matrix: np.ndarray, types: Sequence[str], method: str) -> list[str]:
+    """What ``correct(matrix, types, method)`` leaves as measured because it cannot be
+    estimated: each (source type, target type) block with an off-diagonal entry but fewer than
+    two, as ``"seg->cls"``, and ``"task level"`` for ``type_task_centre`` on fewer than three
+    tasks. Empty for ``none``."""
+    if method == "none":
+        return []
+    types = np.asarray(types)
+    values = np.isfinite(np.asarray(matrix, dtype=float)) & ~np.eye(len(types), dtype=bool)
+    left = [
+        f"{a}->{b}"
+        for a in dict.fromkeys(types.tolist())
+        for b in dict.fromkeys(types.tolist())
+        if values[np.outer(types == a, types == b)].sum() == 1
+    ]
+    if method == "type_task_centre" and len(types) < 3:
+        left.append("task level")
+    return left

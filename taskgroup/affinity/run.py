@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 from rich.console import Console
 
-from taskgroup.affinity.corrections import correct
+from taskgroup.affinity.corrections import correct, unestimated
 from taskgroup.affinity.probes import (
     ATTRIBUTION_QUANTITIES,
     GRADIENT_QUANTITIES,
@@ -43,7 +43,7 @@ from taskgroup.errors import ConfigError
 from taskgroup.matrices import REPORTED, AffinityMatrix
 from taskgroup.runtime import configure_cpu, load_state, save_state
 from taskgroup.tasks import TaskRegistry, load_registry
-from taskgroup.training import ProgressCallback, prepare_data, train_network
+from taskgroup.training import ProgressCallback, data_tasks, prepare_data, train_network
 from taskgroup.training.jobs import (
     NetworkJob,
     create_queue,
@@ -101,6 +101,15 @@ def _separation(matrix: np.ndarray, tasks: Sequence[str], synthetic: bool) -> di
     return planted_separation(matrix, planted_labels(tasks), tasks) if synthetic else None
 
 
+def probe_cadence(every: int, total_steps: int, min_probes: int) -> int:
+    """The steps between two probes of a run of ``total_steps``: ``every``, unless that gives
+    fewer than ``min_probes`` probes (a run of few tasks), then ``total_steps // min_probes``
+    (at least 1), so that every method measures whatever the number of tasks."""
+    if total_steps // every >= min_probes:
+        return every
+    return max(1, total_steps // min_probes)
+
+
 def run_probes(
     cfg: RunConfig, registry: TaskRegistry, tasks: list[str], out_dir: Path, console: Console
 ) -> tuple[list[AffinityProbe], dict[str, Any]]:
@@ -113,6 +122,25 @@ def run_probes(
     probes = []
     data = None
     start = time.perf_counter()
+    total = dataclasses.replace(cfg.train, steps_per_task=aff.steps_per_task or cfg.train.steps_per_task)
+    total = total.total_steps(len(tasks))
+    every = probe_cadence(aff.every, total, aff.min_probes)
+    lookahead_every = probe_cadence(aff.lookahead_every or aff.every, total, aff.min_probes)
+    for name, asked, used in (
+        ("every", aff.every, every),
+        ("lookahead_every", aff.lookahead_every, lookahead_every),
+    ):
+        if asked is not None and used != asked:
+            log.info(
+                "affinity.%s %d gives fewer than affinity.min_probes=%d probes in a run of %d steps "
+                "(%d tasks): probing every %d steps",
+                name,
+                asked,
+                aff.min_probes,
+                total,
+                len(tasks),
+                used,
+            )
     for run in range(aff.runs):
         train = dataclasses.replace(
             cfg.train,
@@ -121,12 +149,12 @@ def run_probes(
         )
         run_cfg = dataclasses.replace(cfg, train=train)
         probe = AffinityProbe(
-            aff.every,
+            every,
             lookahead="lookahead" in aff.methods,
             gradient="gradient" in aff.methods,
             blocks=aff.blocks,
             batch=aff.probe_batch,
-            lookahead_every=aff.lookahead_every,
+            lookahead_every=lookahead_every,
             readout="readout" in aff.methods,
             readout_batches=aff.readout_batches,
             attribution="attribution" in aff.methods,
@@ -148,6 +176,9 @@ def run_probes(
         else:
             if data is None:
                 data = prepare_data(cfg.data, registry, tasks, report_dir=out_dir)
+                console.print(
+                    f"data: {data.root} (validation: {data.val_source})", highlight=False, soft_wrap=True
+                )
             with ProgressCallback.make_progress(console) as progress:
                 train_network(run_cfg, registry, tasks, run_dir, "affinity", data, [probe], progress)
             save_state(probe.state_dict(), saved)
@@ -158,8 +189,8 @@ def run_probes(
         "training_steps": steps,
         "probe_seconds": sum(p.cost["seconds"] for p in probes),
         "probes": sum(p.cost["probes"] for p in probes),
-        "probe_every": aff.every,
-        "lookahead_every": aff.lookahead_every or aff.every,
+        "probe_every": every,
+        "lookahead_every": lookahead_every,
         "forward_passes": steps + sum(p.cost["forward"] for p in probes),
         "backward_passes": steps + sum(p.cost["backward"] for p in probes),
         "lookahead_optimiser_steps": sum(p.cost["optimiser_steps"] for p in probes),
@@ -235,7 +266,7 @@ def run_affinity(
     out_dir.mkdir(parents=True, exist_ok=True)
     console = console or Console()
     registry = registry or load_registry(cfg.registry)
-    tasks = list(tasks or registry.ids)
+    tasks = data_tasks(cfg.data, registry, tasks or None, console)  # a root of some tasks: those
     configure_cpu(cfg.train.threads)
     from taskgroup.training.pretrain import resolve_pretrained
 
@@ -262,11 +293,31 @@ def run_affinity(
     if any(m in aff.methods for m in PROBE_METHODS):
         probes, cost = run_probes(cfg, registry, tasks, out_dir, console)
         mean = mean_over_runs(probes)
+        missing = sorted(_wanted(aff.methods) - set(mean))
+        if missing:  # min_probes >= 1 makes this unreachable from a fresh run; kept as the guard
+            raise ConfigError(
+                f"{out_dir}: the probe trainings took no measurement of {', '.join(missing)}; "
+                f"lower affinity.every / lookahead_every or raise affinity.min_probes"
+            )
         rows = [{**row, "run": k} for k, probe in enumerate(probes) for row in probe.trajectory(tasks)]
 
         def report_probe(method: str, key: str, extra: dict, saved: dict) -> None:
             """A probe method's folder: its matrix (``mean[key]`` corrected) and its own rows."""
-            meta = {"cost": cost, "correction": aff.correction, **extra, "runs": len(probes)}
+            left = unestimated(mean[key], types, aff.correction)
+            if left:
+                log.warning(
+                    "%s: the %s correction cannot be estimated for %s (fewer than two pairs): left as measured",
+                    method,
+                    aff.correction,
+                    ", ".join(left),
+                )
+            meta = {
+                "cost": cost,
+                "correction": aff.correction,
+                "correction_not_estimated": left,
+                **extra,
+                "runs": len(probes),
+            }
             reported = correct(mean[key], types, aff.correction)
             own = [r for r in rows if r["quantity"] in PROBE_QUANTITIES[method]]
             report(method, reported, own, meta, saved)

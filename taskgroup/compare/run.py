@@ -181,7 +181,7 @@ def run_compare(
     console: Console | None = None,
 ) -> CompareResult:
     from taskgroup.compare.report import print_report, report_split, write_report
-    from taskgroup.training.data import prepare_data
+    from taskgroup.training.data import data_tasks, prepare_data
     from taskgroup.training.pretrain import resolve_pretrained
 
     start = time.perf_counter()
@@ -190,6 +190,8 @@ def run_compare(
     console = console or Console()
     registry = registry or load_registry(cfg.registry)
     comp: CompareConfig = cfg.compare
+    if tasks is None and all(str(s) in BUILTIN for s in comp.groupings):
+        tasks = data_tasks(cfg.data, registry, console=console)  # a root of some of the tasks compares those
     groupings, tasks = resolve_groupings(comp.groupings, registry, tasks)
     configure_cpu(cfg.train.threads)
     cfg = resolve_pretrained(cfg)
@@ -222,6 +224,7 @@ def run_compare(
     report = write_report(
         out, scores, registry, sizes, groupings, comp.confidence, comp.floor, split, reported_on
     )
+    console.print(f"data: {data.root} (validation: {data.val_source})", highlight=False, soft_wrap=True)
     console.print(reported_on)
     meta = {
         "config": to_mapping(cfg),

@@ -4,7 +4,7 @@ run, ``taskgroup train``, is the stage :mod:`taskgroup.stages.train`)."""
 from __future__ import annotations
 
 from taskgroup.training.callbacks import CheckpointCallback, EvaluationCallback, ProgressCallback
-from taskgroup.training.data import TrainingData, prepare_data, synthetic_root
+from taskgroup.training.data import TrainingData, data_tasks, prepare_data, synthetic_root
 from taskgroup.training.engine import Callback, Engine, StepOutput, TrainingDiverged, build_optimiser
 from taskgroup.training.run import NetworkResult, RunResult, serve_tasks, train_network
 
@@ -20,6 +20,7 @@ __all__ = [
     "TrainingData",
     "TrainingDiverged",
     "build_optimiser",
+    "data_tasks",
     "prepare_data",
     "serve_tasks",
     "synthetic_root",

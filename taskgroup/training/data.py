@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import Progress
 
 from taskgroup.config import DataConfig, record_dir
@@ -43,7 +44,7 @@ from taskgroup.data import (
     load_index,
     split_index,
 )
-from taskgroup.data.fmuia import KEEP_BYTES
+from taskgroup.data.fmuia import KEEP_BYTES, read_csvs
 from taskgroup.data.synthetic import generate
 from taskgroup.errors import DataError
 from taskgroup.locks import hold_lock
@@ -217,6 +218,48 @@ def subsample(records: Sequence[Record], fraction: float, task: str) -> tuple[Re
     return tuple(records[i] for i in sorted(order[:keep]))
 
 
+def data_tasks(
+    cfg: DataConfig,
+    registry: TaskRegistry,
+    tasks: Sequence[str] | None = None,
+    console: Console | None = None,
+) -> list[str]:
+    """The tasks a command runs on: ``tasks`` when given; on the synthetic benchmark every task
+    of the registry; on a data root (``data.root``) the registry's tasks, in its order, that
+    have rows in the root's training split and, when it has one, in its ``val/`` (a root of 3
+    of the 27 tasks runs those 3). Nothing is decoded: only the CSVs are read. The tasks found,
+    and those with rows on one side only, are logged and printed on ``console``."""
+    if tasks is not None:
+        return list(tasks)
+    if cfg.root is None:
+        return list(registry.ids)
+    roots = find_roots(cfg.root)
+    found = {
+        split: set(read_csvs(roots[split])["task_id"].str.strip()) & set(registry.ids)
+        for split in ("train", "val")
+        if split in roots
+    }
+    if "train" not in found:
+        raise DataError(f"{cfg.root}: no train/csv_files/: a data root needs its training split")
+    both = set.intersection(*found.values())
+    chosen = [t for t in registry.ids if t in both]
+    if not chosen:
+        raise DataError(
+            f"{cfg.root}: no task of the registry has rows in "
+            + (" and ".join(f"{split}/" for split in found) if len(found) > 1 else "its CSVs")
+            + f" (tasks: {', '.join(registry.ids[:3])}, ...; see `taskgroup tasks`)"
+        )
+    lines = [f"tasks found in {cfg.root} ({len(chosen)} of {len(registry.ids)}): {', '.join(chosen)}"]
+    one_side = [t for t in registry.ids if t in set.union(*found.values()) - both]
+    if one_side:
+        lines.append(f"left out, with rows in only one of train/ and val/: {', '.join(one_side)}")
+    for line in lines:
+        log.info(line)
+        if console is not None:
+            console.print(line, highlight=False, soft_wrap=True)
+    return chosen
+
+
 def prepare_data(
     cfg: DataConfig, registry: TaskRegistry, tasks: Sequence[str], report_dir: Path | None = None
 ) -> TrainingData:
@@ -269,6 +312,11 @@ def prepare_data(
         split = split_index(train_index, cfg.val_fraction, seed=0)
         train_records, val_records = split.records(train_index, "train"), split.records(train_index, "val")
         source = f"{cfg.val_fraction:.0%} split of train"
+        log.info(
+            "%s: no val/ split; validation is a stratified, image-aware %s (seed 0)",
+            roots["train"],
+            source,
+        )
         _check_split(train_records, val_records, tasks, roots["train"], cfg.val_fraction)
     order = list(tasks)
     train_records = {t: subsample(train_records[t], cfg.train_fraction, t) for t in order}
