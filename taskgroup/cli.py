@@ -44,6 +44,28 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     _add_bad_row_options(parser, "bad_rows.csv in the current folder when --skip-bad")
 
 
+def _add_devices_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--devices",
+        default=None,
+        metavar="0,1,...",
+        help="GPUs for the local workers: one worker process per GPU (at least --workers, round "
+        "robin), each seeing only its GPU (CUDA_VISIBLE_DEVICES); default: every worker on the "
+        "config's train.device",
+    )
+
+
+def parse_devices(text: str | None) -> tuple[str, ...]:
+    """``--devices 0,1,3`` -> ("0", "1", "3"): GPU indices or UUIDs as ``CUDA_VISIBLE_DEVICES``
+    takes them; an empty entry is an error."""
+    if not text:
+        return ()
+    devices = tuple(d.strip() for d in text.split(","))
+    if not all(devices):
+        raise TaskgroupError(f"--devices {text!r}: expected GPU indices separated by commas, e.g. 0,1,2,3")
+    return devices
+
+
 def _add_bad_row_options(parser: argparse.ArgumentParser, default: str) -> None:
     """``--skip-bad`` and ``--bad-report``, which every command that reads data takes."""
     parser.add_argument(
@@ -153,6 +175,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "a postgresql:// URL for many machines)",
     )
     p.add_argument("--workers", type=int, default=1, help="local worker processes for pairwise/subsets")
+    _add_devices_option(p)
     _add_bad_row_options(p, "OUT/bad_rows.csv when --skip-bad")
     p.set_defaults(func=cmd_affinity)
 
@@ -194,7 +217,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "train; pruned by search.pruner)",
     )
     p.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help=f"run config YAML (default: {DEFAULT_CONFIG})"
+        "--config",
+        type=Path,
+        default=None,
+        help=f"run config YAML (default: {DEFAULT_CONFIG}; with trained trials, the first affinity "
+        "run's own config.yaml: its data, model and training)",
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
@@ -242,6 +269,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="folder of trained networks shared by compare runs (default: the output folder)",
     )
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    _add_devices_option(p)
     p.add_argument(
         "--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)"
     )
@@ -518,7 +546,15 @@ def cmd_affinity(args: argparse.Namespace) -> int:
     cfg = _run_config(args, *extra)
     registry = load_registry(cfg.registry)
     _check_tasks(args.tasks, registry)
-    result = run_affinity(cfg, args.out, args.tasks, registry, workers=args.workers, console=console)
+    result = run_affinity(
+        cfg,
+        args.out,
+        args.tasks,
+        registry,
+        workers=args.workers,
+        console=console,
+        devices=parse_devices(args.devices),
+    )
     for method, folder in result.folders.items():
         console.print(f"{method}: {folder}")
     return 0
@@ -537,7 +573,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     extra += [f"search.oracle={args.oracle}"] if args.oracle else []
     extra += [f"search.trainings={args.trainings}"] if args.trainings else []
     extra += [f"search.batch={args.batch}"] if args.batch else []
-    cfg = load_run_config(args.config, [*args.overrides, *_bad_row_overrides(args), *extra])
+    overrides = [*args.overrides, *_bad_row_overrides(args), *extra]
+    cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
+    own = [a / "config.yaml" for a in args.affinity if (a / "config.yaml").is_file()][:1]
+    if args.config is None and cfg.search.trained_trials > 0 and own:
+        # the trained trials train on what the affinity was measured on, not on the default
+        cfg = load_run_config(own[0], overrides)
+        console.print(f"trained trials: the config of {own[0]}", highlight=False, soft_wrap=True)
     registry = load_registry(cfg.registry)
     if "active" in cfg.search.methods:
         from taskgroup.stages.active import run_active
@@ -569,7 +611,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _run_config(args, *extra)
     registry = load_registry(cfg.registry)
     _check_tasks(args.tasks, registry)
-    result = run_compare(cfg, args.out, registry, args.tasks, workers=args.workers, console=console)
+    result = run_compare(
+        cfg,
+        args.out,
+        registry,
+        args.tasks,
+        workers=args.workers,
+        console=console,
+        devices=parse_devices(args.devices),
+    )
     console.print(
         f"report in {result.out / 'report.md'} ({len(result.jobs)} networks, {result.trained_here} trained here)"
     )

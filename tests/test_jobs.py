@@ -3,6 +3,7 @@ process still holds is queued again and trained later, not the end of the worker
 
 from __future__ import annotations
 
+import os
 import threading
 
 import optuna
@@ -72,3 +73,55 @@ def test_a_job_taken_by_a_worker_that_died_before_its_first_heartbeat_is_trained
     complete = [t.user_attrs["job"] for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     assert sorted(complete) == sorted(job.key for job in jobs)
     assert "never began it" in caplog.text
+
+
+def test_with_devices_each_local_worker_sees_only_its_gpu_and_this_process_trains_none(
+    tiny_synth, tmp_path, monkeypatch
+):
+    from taskgroup.training import jobs
+
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    url = sqlite_url(tmp_path / "jobs.db")
+    study = create_queue(storage_for(url, 1, 3), "q", cfg, [NetworkJob(("IUGC",))], tmp_path)
+    started: list[dict] = []
+
+    class Process:  # a worker process that exits at once
+        def __init__(self, command, env):
+            started.append({"command": command, "env": env})
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    def no_training(self, poll=1.0):
+        raise AssertionError("this process trained a job: it may hold a CUDA context on GPU 0")
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Process)
+    monkeypatch.setattr(jobs.Worker, "run", no_training)
+    assert jobs.work_off(study, url, 3, 1, 3, 1, devices=("0", "1")) == 0
+    # three workers asked on two GPUs: round robin, each process its own CUDA_VISIBLE_DEVICES
+    assert [p["env"]["CUDA_VISIBLE_DEVICES"] for p in started] == ["0", "1", "0"]
+    assert all(p["env"][jobs.STORAGE_ENV] == url and url not in p["command"] for p in started)
+    started.clear()
+    monkeypatch.setattr(jobs.Worker, "run", lambda self, poll=1.0: 0)
+    jobs.work_off(study, url, 2, 1, 3, 1)  # no devices: this process and one helper, as before
+    assert len(started) == 1  # and its GPUs are this process's
+    assert started[0]["env"].get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_affinity_queues_are_named_by_their_networks_config(tiny_synth, tmp_path):
+    import dataclasses
+
+    from taskgroup.affinity.run import STUDY, queue_name
+
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr_encoder=1e-3))
+    storage = storage_for(sqlite_url(tmp_path / "jobs.db"), 1, 3)
+    first = queue_name(storage, cfg)
+    assert first.startswith(f"{STUDY}-") and first == queue_name(storage, cfg)
+    assert queue_name(storage, other) != first  # another config: its own queue, its own folder
+    create_queue(storage, STUDY, cfg, [NetworkJob(("IUGC",))], tmp_path)  # an older taskgroup's queue
+    assert queue_name(storage, cfg) == STUDY  # resumed where it is
+    assert queue_name(storage, other) != STUDY  # never another config's

@@ -331,3 +331,31 @@ def test_study_run_takes_skip_bad_and_bad_report(tmp_path, capsys, monkeypatch):
 def test_bad_report_leaves_config_hashes_as_they_were():
     assert "bad_report" not in to_mapping(DataConfig())  # unset: cached networks keep their folders
     assert to_mapping(DataConfig(bad_report="/x/bad.csv"))["bad_report"] == "/x/bad.csv"
+
+
+def test_devices_must_be_gpu_indices(capsys, tmp_path):
+    code, out = _run(capsys, ["affinity", "--devices", "0,,1", "--out", str(tmp_path / "a")])
+    assert code == 2 and "--devices '0,,1': expected GPU indices separated by commas" in out
+    assert cli.parse_devices("0, 1,3") == ("0", "1", "3") and cli.parse_devices(None) == ()
+
+
+def test_search_trained_trials_default_to_the_affinity_runs_own_config(tmp_path, monkeypatch, capsys):
+    import taskgroup.stages.search
+
+    run = tmp_path / "aff"
+    run.mkdir()
+    own = to_mapping(load_run_config(TINY, ["data.root=/data/fmuia", "train.steps_per_task=7"]))
+    (run / "config.yaml").write_text(yaml.safe_dump(own))
+    seen: dict = {}
+    _catch(monkeypatch, taskgroup.stages.search, "run_search", seen)
+    with pytest.raises(_Stop):
+        main(["search", str(run), "--trained", "2", "--out", str(tmp_path / "s")])
+    cfg = seen["cfg"]
+    assert cfg.data.root == "/data/fmuia" and cfg.train.steps_per_task == 7  # the run's, not tiny.yaml's
+    assert cfg.search.trained_trials == 2 and "trained trials: the config of" in capsys.readouterr().out
+    with pytest.raises(_Stop):  # no trained trials: the default config, as before
+        main(["search", str(run), "--out", str(tmp_path / "s")])
+    assert seen["cfg"].data.root is None
+    with pytest.raises(_Stop):  # --config wins
+        main(["search", str(run), "--trained", "2", "--config", str(TINY), "--out", str(tmp_path / "s")])
+    assert seen["cfg"].data.root is None

@@ -37,7 +37,7 @@ from taskgroup.affinity.probes import (
 )
 from taskgroup.affinity.report import planted_separation, print_summary, write_method
 from taskgroup.affinity.trained import pairwise_jobs, pairwise_matrix, subset_jobs, subsets_matrix
-from taskgroup.config import RunConfig, hide_password, to_mapping
+from taskgroup.config import RunConfig, config_hash, hide_password, to_mapping
 from taskgroup.data.synthetic import planted_labels
 from taskgroup.errors import ConfigError
 from taskgroup.matrices import REPORTED, AffinityMatrix
@@ -53,6 +53,7 @@ from taskgroup.training.jobs import (
     storage_for,
     work_off,
 )
+from taskgroup.training.run import network_config
 
 log = logging.getLogger("taskgroup")
 
@@ -213,14 +214,28 @@ def mean_over_runs(probes: Sequence[AffinityProbe]) -> dict[str, np.ndarray]:
     return {name: np.nanmean(np.stack([m[name] for m in per_run]), axis=0) for name in common}
 
 
+def queue_name(storage: Any, job_cfg: RunConfig) -> str:
+    """The study the trained estimators' networks are queued on: ``affinity-<hash>`` of the
+    networks' config, so that runs of other configs on one storage never share a queue (and a
+    run of the same networks shares theirs, as compare does). A queue of an earlier taskgroup
+    (the study ``affinity``) of exactly this config is kept, so its folders resume."""
+    legacy = [s for s in storage.get_all_studies() if s.study_name == STUDY]
+    if legacy and legacy[0].user_attrs.get("config") == to_mapping(job_cfg):
+        return STUDY
+    return f"{STUDY}-{config_hash(network_config(job_cfg))}"
+
+
 def run_trained(
     cfg: RunConfig,
     registry: TaskRegistry,
     tasks: list[str],
     out_dir: Path,
     workers: int,
+    console: Console | None = None,
+    devices: Sequence[str] = (),
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Queue the pairwise/subsets networks and work them off with ``workers`` processes."""
+    """Queue the pairwise/subsets networks and work them off with ``workers`` processes (on
+    ``devices``, one GPU per worker, see :func:`taskgroup.training.jobs.work_off`)."""
     aff = cfg.affinity
     seed = cfg.train.seed
     jobs: dict[str, NetworkJob] = {}
@@ -233,9 +248,17 @@ def run_trained(
     )
     url = aff.storage or sqlite_url(out_dir / "jobs.db")
     storage = storage_for(url, aff.heartbeat, aff.grace)
-    study = create_queue(storage, STUDY, job_cfg, list(jobs.values()), out_dir / "jobs")
+    name = queue_name(storage, job_cfg)
+    study = create_queue(storage, name, job_cfg, list(jobs.values()), out_dir / "jobs")
+    line = (
+        f"affinity: {len(jobs)} networks on study {name!r} of {hide_password(url)} "
+        f"(more machines: taskgroup worker --storage URL --study {name})"
+    )
+    log.info(line)
+    if console is not None:
+        console.print(line, highlight=False, soft_wrap=True)
     start = time.perf_counter()
-    work_off(study, url, workers, aff.heartbeat, aff.grace, cfg.train.threads, registry)
+    work_off(study, url, workers, aff.heartbeat, aff.grace, cfg.train.threads, registry, devices)
     # the study may hold other runs' jobs too (pairwise then subsets on one folder): only the
     # networks these methods use are counted, whoever trained them and when
     results = {k: v for k, v in job_results(study).items() if k in jobs}
@@ -248,7 +271,8 @@ def run_trained(
         "training_steps": steps,
         "forward_passes": steps,
         "backward_passes": steps,
-        "workers": workers,
+        "workers": max(workers, len(devices)),
+        **({"devices": list(devices)} if devices else {}),
         "storage": hide_password(url),
     }
     return results, cost
@@ -261,6 +285,7 @@ def run_affinity(
     registry: TaskRegistry | None = None,
     workers: int = 1,
     console: Console | None = None,
+    devices: Sequence[str] = (),
 ) -> AffinityResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -386,7 +411,7 @@ def run_affinity(
                 {"uncorrected": mean["attribution"]},
             )
     if any(m in aff.methods for m in TRAINED_METHODS):
-        results, cost = run_trained(cfg, registry, tasks, out_dir, workers)
+        results, cost = run_trained(cfg, registry, tasks, out_dir, workers, console, devices)
         for method, build in (("pairwise", pairwise_matrix), ("subsets", subsets_matrix)):
             if method not in aff.methods:
                 continue

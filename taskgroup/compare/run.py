@@ -179,6 +179,7 @@ def run_compare(
     tasks: Sequence[str] | None = None,
     workers: int = 1,
     console: Console | None = None,
+    devices: Sequence[str] = (),
 ) -> CompareResult:
     from taskgroup.compare.report import print_report, report_split, write_report
     from taskgroup.training.data import data_tasks, prepare_data
@@ -210,7 +211,7 @@ def run_compare(
         f"compare: {len(groupings)} groupings x {len(seeds)} seed(s) = {len(jobs)} distinct networks "
         f"(study {name!r} on {hide_password(url)}; more machines: taskgroup worker --storage URL --study {name})"
     )
-    trained = work_off(study, url, workers, comp.heartbeat, comp.grace, cfg.train.threads, registry)
+    trained = work_off(study, url, workers, comp.heartbeat, comp.grace, cfg.train.threads, registry, devices)
     results = job_results(study, comp.select)
     missing = [j.key for j in jobs if j.key not in results]
     if missing:

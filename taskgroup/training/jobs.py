@@ -292,14 +292,20 @@ class Worker:
         return failed
 
 
-def spawn_worker(url: str, study: str, heartbeat: int, grace: int, threads: int | None) -> subprocess.Popen:
+def spawn_worker(
+    url: str, study: str, heartbeat: int, grace: int, threads: int | None, device: str | None = None
+) -> subprocess.Popen:
     """A local ``taskgroup worker`` process on the study; the storage URL (which may hold a
-    password) goes in its environment (:data:`STORAGE_ENV`), not on its command line."""
+    password) goes in its environment (:data:`STORAGE_ENV`), not on its command line.
+    ``device``: the GPU it sees alone (``CUDA_VISIBLE_DEVICES``; its ``cuda`` is that GPU)."""
     command = [sys.executable, "-m", "taskgroup", "worker", "--study", study]
     command += ["--heartbeat", str(heartbeat), "--grace", str(grace)]
     if threads:
         command += ["--threads", str(threads)]
-    return subprocess.Popen(command, env={**os.environ, STORAGE_ENV: url})
+    env = {**os.environ, STORAGE_ENV: url}
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    return subprocess.Popen(command, env=env)
 
 
 def work_off(
@@ -310,12 +316,25 @@ def work_off(
     grace: int,
     threads: int | None,
     registry: TaskRegistry | None = None,
+    devices: Sequence[str] = (),
 ) -> int:
     """Work a study's queue off: this process and ``workers - 1`` local worker processes (more
-    machines may join with ``taskgroup worker``). Returns the jobs this process trained."""
-    helpers = [spawn_worker(url, study.study_name, heartbeat, grace, threads) for _ in range(workers - 1)]
+    machines may join with ``taskgroup worker``). Returns the jobs this process trained.
+
+    With ``devices`` (GPUs, as ``CUDA_VISIBLE_DEVICES`` names them), ``max(workers, len(devices))``
+    worker processes are started, worker k seeing only ``devices[k % len(devices)]``, and this
+    process (which may hold a CUDA context on GPU 0 already) only waits for them: N workers on
+    an N-GPU machine use N GPUs, not N processes on GPU 0."""
+    if devices:
+        count = max(workers, len(devices))
+        helpers = [
+            spawn_worker(url, study.study_name, heartbeat, grace, threads, devices[k % len(devices)])
+            for k in range(count)
+        ]
+    else:
+        helpers = [spawn_worker(url, study.study_name, heartbeat, grace, threads) for _ in range(workers - 1)]
     try:
-        finished = Worker(study, registry).run()
+        finished = 0 if devices else Worker(study, registry).run()
         for h in helpers:
             h.wait()
     finally:
