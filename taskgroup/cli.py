@@ -114,6 +114,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
+        "predict",
+        help="write a trained run's submission folder (masks, classification/detection/regression JSON)",
+    )
+    p.add_argument("run", type=Path, help="a `taskgroup train` run folder")
+    p.add_argument(
+        "--data", type=Path, default=None, help="FM_UIA root to predict on (default: the run's own data)"
+    )
+    p.add_argument(
+        "--split", choices=["val", "test"], default="val", help="which split's images (default: val)"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="the submission folder (must not exist, or be empty)"
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:1, ...")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
         "train", help="train every network of a grouping (ts, cg, au or a file) and evaluate every task"
     )
     p.add_argument(
@@ -479,6 +496,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if row["auc_note"]:
             console.print(f"[yellow]{row['task_id']}: {row['auc_note']}[/]")
     console.print(f"tables written to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from taskgroup.stages.predict import predict_run
+
+    result = predict_run(args.run, args.out, args.data, args.split, device=args.device, console=console)
+    print_table(
+        f"predicted on {result.split}",
+        ["task", "network", "step", "images"],
+        [
+            [r["task"], str(r["network"]), str(r["step"]), str(result.counts[r["task"]])]
+            for r in result.served.to_dict("records")
+        ],
+        left=2,
+    )
+    console.print(
+        f"submission folder: {result.out} (score it: taskgroup evaluate --pred {result.out} --gt ROOT)"
+    )
     return 0
 
 
