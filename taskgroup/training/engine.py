@@ -324,9 +324,20 @@ class Engine:
             )
 
     # -- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, split: str = "val") -> dict[str, dict[str, float]]:
-        """Official metrics per task on a split ("val", "test" or "train"), at original resolution."""
+        """Official metrics per task on a split ("val", "test" or "train"), at original resolution.
+        Under DDP the main rank alone evaluates (the weights are the same on every rank; the
+        Hausdorff distances at original resolution are the dear part) and sends the scores to
+        the others, which wait: every rank then chooses the same best steps."""
+        if not self.dist.enabled:
+            return self._evaluate(split)
+        # in-process communication of a dict of floats between the ranks of one run, not a file
+        box = [self._evaluate(split) if self.dist.is_main else None]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @torch.no_grad()
+    def _evaluate(self, split: str) -> dict[str, dict[str, float]]:
         data = self.data.split(split)
         was_training = self.model.training
         self.model.eval()
