@@ -44,7 +44,14 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     _add_bad_row_options(parser, "bad_rows.csv in the current folder when --skip-bad")
 
 
-def _add_devices_option(parser: argparse.ArgumentParser) -> None:
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--work-root",
+        type=Path,
+        default=None,
+        help="store the queue's paths under this folder relative to it, so that a worker on another "
+        "machine given its own --work-root (its mount of the same folder) finds them",
+    )
     parser.add_argument(
         "--devices",
         default=None,
@@ -192,7 +199,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "a postgresql:// URL for many machines)",
     )
     p.add_argument("--workers", type=int, default=1, help="local worker processes for pairwise/subsets")
-    _add_devices_option(p)
+    _add_worker_options(p)
     _add_bad_row_options(p, "OUT/bad_rows.csv when --skip-bad")
     p.set_defaults(func=cmd_affinity)
 
@@ -286,7 +293,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="folder of trained networks shared by compare runs (default: the output folder)",
     )
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
-    _add_devices_option(p)
+    _add_worker_options(p)
     p.add_argument(
         "--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)"
     )
@@ -319,6 +326,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=10, help="seconds between heartbeats")
     p.add_argument("--grace", type=int, default=60, help="seconds without heartbeat before a job is retaken")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of this worker")
+    p.add_argument(
+        "--work-root",
+        type=Path,
+        default=None,
+        help="where this machine sees the folder the queue's paths are relative to (the creator's --work-root)",
+    )
     p.set_defaults(func=cmd_worker)
     return parser
 
@@ -692,7 +705,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise TaskgroupError(
             f"no study {args.study!r} in {hide_password(url)} (it holds: {', '.join(names) or 'none'})"
         ) from None
-    finished = Worker(study).run()
+    finished = Worker(study, work_root=args.work_root).run()
     console.print(f"worker done: {finished} job(s) trained here")
     return 0
 

@@ -7,6 +7,7 @@ import os
 import threading
 
 import optuna
+import pytest
 from test_training import tiny_config
 
 from taskgroup.runtime import lock_folder
@@ -125,3 +126,48 @@ def test_affinity_queues_are_named_by_their_networks_config(tiny_synth, tmp_path
     create_queue(storage, STUDY, cfg, [NetworkJob(("IUGC",))], tmp_path)  # an older taskgroup's queue
     assert queue_name(storage, cfg) == STUDY  # resumed where it is
     assert queue_name(storage, other) != STUDY  # never another config's
+
+
+def test_a_queue_with_a_work_root_is_worked_from_another_mount_of_it(tiny_synth, registry, tmp_path):
+    """Paths under the creator's --work-root are stored relative to it: a worker given its own
+    mount of the folder (here the folder renamed) trains from there, and every mount computes
+    the same network folder names and accepts the folders another one wrote."""
+    import dataclasses
+
+    from taskgroup import workroot
+    from taskgroup.errors import ConfigError
+    from taskgroup.training.data import prepare_data
+    from taskgroup.training.run import train_network
+
+    first = tmp_path / "machine_a"
+    first.mkdir()
+    os.symlink(tiny_synth, first / "data")
+    cfg = tiny_config(first / "data", steps=4, eval_every=4, checkpoint_every=4)
+    job = NetworkJob(("IUGC",))
+    url = sqlite_url(tmp_path / "jobs.db")
+    study = create_queue(storage_for(url, 1, 3), "q", cfg, [job], first / "jobs", work_root=first)
+    assert study.user_attrs["config"]["data"]["root"] == f"{workroot.MARK}/data"
+    assert study.user_attrs["work_dir"] == f"{workroot.MARK}/jobs"
+    name_on_a = Worker(study, registry, work_root=first).network_dir(job).name
+    with pytest.raises(ConfigError, match=r"relative to a work root .* give the worker --work-root DIR"):
+        Worker(study, registry)
+    second = tmp_path / "machine_b"
+    first.rename(second)  # the same files, seen at another path
+    worker = Worker(study, registry, work_root=second)
+    assert worker.cfg.data.root == str(second / "data") and worker.work_dir == second / "jobs"
+    folder = worker.network_dir(job)
+    assert folder.name == name_on_a and folder.parent == second / "jobs" / "networks"
+    assert worker.run(poll=0.1) == 1
+    (trial,) = study.get_trials(deepcopy=False)
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["network_dir"] == str(folder)
+    third = tmp_path / "machine_c"
+    second.rename(third)
+    again = Worker(study, registry, work_root=third)
+    moved = again.network_dir(job)
+    assert moved.name == folder.name and (moved / "done.json").exists()
+    data = prepare_data(again.cfg.data, registry, ["IUGC"])
+    with workroot.active(third):  # the folder written from machine b is this network's here
+        result = train_network(dataclasses.replace(again.cfg), registry, ["IUGC"], moved, job.key, data)
+    assert result.best == trial.user_attrs["best"]
+    with pytest.raises(ConfigError, match="another config"):  # without the work root it is not
+        train_network(again.cfg, registry, ["IUGC"], moved, job.key, data)

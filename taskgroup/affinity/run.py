@@ -233,6 +233,7 @@ def run_trained(
     workers: int,
     console: Console | None = None,
     devices: Sequence[str] = (),
+    work_root: Path | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Queue the pairwise/subsets networks and work them off with ``workers`` processes (on
     ``devices``, one GPU per worker, see :func:`taskgroup.training.jobs.work_off`)."""
@@ -249,7 +250,7 @@ def run_trained(
     url = aff.storage or sqlite_url(out_dir / "jobs.db")
     storage = storage_for(url, aff.heartbeat, aff.grace)
     name = queue_name(storage, job_cfg)
-    study = create_queue(storage, name, job_cfg, list(jobs.values()), out_dir / "jobs")
+    study = create_queue(storage, name, job_cfg, list(jobs.values()), out_dir / "jobs", work_root)
     line = (
         f"affinity: {len(jobs)} networks on study {name!r} of {hide_password(url)} "
         f"(more machines: taskgroup worker --storage URL --study {name})"
@@ -258,7 +259,7 @@ def run_trained(
     if console is not None:
         console.print(line, highlight=False, soft_wrap=True)
     start = time.perf_counter()
-    work_off(study, url, workers, aff.heartbeat, aff.grace, cfg.train.threads, registry, devices)
+    work_off(study, url, workers, aff.heartbeat, aff.grace, cfg.train.threads, registry, devices, work_root)
     # the study may hold other runs' jobs too (pairwise then subsets on one folder): only the
     # networks these methods use are counted, whoever trained them and when
     results = {k: v for k, v in job_results(study).items() if k in jobs}
@@ -286,6 +287,7 @@ def run_affinity(
     workers: int = 1,
     console: Console | None = None,
     devices: Sequence[str] = (),
+    work_root: Path | None = None,
 ) -> AffinityResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,7 +413,7 @@ def run_affinity(
                 {"uncorrected": mean["attribution"]},
             )
     if any(m in aff.methods for m in TRAINED_METHODS):
-        results, cost = run_trained(cfg, registry, tasks, out_dir, workers, console, devices)
+        results, cost = run_trained(cfg, registry, tasks, out_dir, workers, console, devices, work_root)
         for method, build in (("pairwise", pairwise_matrix), ("subsets", subsets_matrix)):
             if method not in aff.methods:
                 continue

@@ -180,6 +180,7 @@ def run_compare(
     workers: int = 1,
     console: Console | None = None,
     devices: Sequence[str] = (),
+    work_root: Path | None = None,
 ) -> CompareResult:
     from taskgroup.compare.report import print_report, report_split, write_report
     from taskgroup.training.data import data_tasks, prepare_data
@@ -206,12 +207,14 @@ def run_compare(
     url = comp.storage or sqlite_url(cache / "jobs.db")
     cache.mkdir(parents=True, exist_ok=True)
     name = study_name(cfg)
-    study = create_queue(storage_for(url, comp.heartbeat, comp.grace), name, cfg, jobs, cache)
+    study = create_queue(storage_for(url, comp.heartbeat, comp.grace), name, cfg, jobs, cache, work_root)
     console.print(
         f"compare: {len(groupings)} groupings x {len(seeds)} seed(s) = {len(jobs)} distinct networks "
         f"(study {name!r} on {hide_password(url)}; more machines: taskgroup worker --storage URL --study {name})"
     )
-    trained = work_off(study, url, workers, comp.heartbeat, comp.grace, cfg.train.threads, registry, devices)
+    trained = work_off(
+        study, url, workers, comp.heartbeat, comp.grace, cfg.train.threads, registry, devices, work_root
+    )
     results = job_results(study, comp.select)
     missing = [j.key for j in jobs if j.key not in results]
     if missing:

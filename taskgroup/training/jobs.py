@@ -54,6 +54,7 @@ from typing import Any, NoReturn
 
 import optuna
 
+from taskgroup import workroot
 from taskgroup.config import RunConfig, from_mapping, hide_password, storage_url, to_mapping
 from taskgroup.errors import ConfigError
 from taskgroup.runtime import FolderLocked
@@ -136,13 +137,19 @@ def create_queue(
     cfg: RunConfig,
     jobs: Sequence[NetworkJob],
     work_dir: Path,
+    work_root: Path | None = None,
 ) -> optuna.Study:
-    """Create (or join) the study ``name`` and queue every job it does not hold yet."""
+    """Create (or join) the study ``name`` and queue every job it does not hold yet. With
+    ``work_root``, the paths under it are stored relative to it (:mod:`taskgroup.workroot`):
+    each worker then reads them under its own ``--work-root``."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
     if "config" not in study.user_attrs:
-        study.set_user_attr("config", to_mapping(cfg))
-        study.set_user_attr("work_dir", str(Path(work_dir).resolve()))
+        config, folder = to_mapping(cfg), str(Path(work_dir).resolve())
+        if work_root is not None:
+            config, folder = workroot.mark(config, work_root), workroot.mark(folder, work_root)
+        study.set_user_attr("config", config)
+        study.set_user_attr("work_dir", folder)
     queued = {t.user_attrs.get(JOB) for t in study.get_trials(deepcopy=False)}
     for job in jobs:
         if job.key not in queued:
@@ -162,11 +169,15 @@ class Worker:
         study: optuna.Study,
         registry: TaskRegistry | None = None,
         locked_wait: tuple[float, float] = (5.0, 60.0),
+        work_root: Path | None = None,
     ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per job is the progress bar's
         self.study = study
-        self.cfg = from_mapping(RunConfig, study.user_attrs["config"], f"study {study.study_name}")
-        self.work_dir = Path(study.user_attrs["work_dir"])
+        where = f"study {study.study_name}"
+        self.work_root = work_root
+        config = workroot.resolve(study.user_attrs["config"], work_root, where)
+        self.cfg = from_mapping(RunConfig, config, where)
+        self.work_dir = Path(workroot.resolve(study.user_attrs["work_dir"], work_root, where))
         self.registry = registry or load_registry(self.cfg.registry)
         self._data: TrainingData | None = None
         self.finished = 0  # jobs this worker trained to the end
@@ -176,7 +187,8 @@ class Worker:
 
     def network_dir(self, job: NetworkJob) -> Path:
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, seed=job.seed))
-        return network_folder(self.work_dir, job.key, cfg, job.tasks)
+        with workroot.active(self.work_root):  # the same folder name on every machine
+            return network_folder(self.work_dir, job.key, cfg, job.tasks)
 
     def _training_data(self) -> TrainingData:
         if self._data is None:  # every task of the study's jobs, prepared once per worker
@@ -234,6 +246,10 @@ class Worker:
 
     def run(self, poll: float = 1.0) -> int:
         """Work until every job is complete; returns how many jobs this worker finished."""
+        with workroot.active(self.work_root):  # network identities as the queue has them
+            return self._run(poll)
+
+    def _run(self, poll: float) -> int:
         states = optuna.trial.TrialState
         while True:
             trials = self.study.get_trials(deepcopy=False)
@@ -293,7 +309,13 @@ class Worker:
 
 
 def spawn_worker(
-    url: str, study: str, heartbeat: int, grace: int, threads: int | None, device: str | None = None
+    url: str,
+    study: str,
+    heartbeat: int,
+    grace: int,
+    threads: int | None,
+    device: str | None = None,
+    work_root: Path | None = None,
 ) -> subprocess.Popen:
     """A local ``taskgroup worker`` process on the study; the storage URL (which may hold a
     password) goes in its environment (:data:`STORAGE_ENV`), not on its command line.
@@ -302,6 +324,8 @@ def spawn_worker(
     command += ["--heartbeat", str(heartbeat), "--grace", str(grace)]
     if threads:
         command += ["--threads", str(threads)]
+    if work_root is not None:
+        command += ["--work-root", str(work_root)]
     env = {**os.environ, STORAGE_ENV: url}
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(device)
@@ -317,6 +341,7 @@ def work_off(
     threads: int | None,
     registry: TaskRegistry | None = None,
     devices: Sequence[str] = (),
+    work_root: Path | None = None,
 ) -> int:
     """Work a study's queue off: this process and ``workers - 1`` local worker processes (more
     machines may join with ``taskgroup worker``). Returns the jobs this process trained.
@@ -328,13 +353,18 @@ def work_off(
     if devices:
         count = max(workers, len(devices))
         helpers = [
-            spawn_worker(url, study.study_name, heartbeat, grace, threads, devices[k % len(devices)])
+            spawn_worker(
+                url, study.study_name, heartbeat, grace, threads, devices[k % len(devices)], work_root
+            )
             for k in range(count)
         ]
     else:
-        helpers = [spawn_worker(url, study.study_name, heartbeat, grace, threads) for _ in range(workers - 1)]
+        helpers = [
+            spawn_worker(url, study.study_name, heartbeat, grace, threads, work_root=work_root)
+            for _ in range(workers - 1)
+        ]
     try:
-        finished = 0 if devices else Worker(study, registry).run()
+        finished = 0 if devices else Worker(study, registry, work_root=work_root).run()
         for h in helpers:
             h.wait()
     finally:

@@ -49,6 +49,7 @@ import pandas as pd
 import torch
 import yaml
 
+from taskgroup import workroot
 from taskgroup.config import RunConfig, config_hash, load_run_config, to_mapping
 from taskgroup.errors import ConfigError, TaskgroupError
 from taskgroup.groupings import Grouping
@@ -256,7 +257,7 @@ def network_config(cfg: RunConfig) -> dict[str, Any]:
     # where bad rows are listed says nothing about what a network learns
     config["data"] = {k: v for k, v in config["data"].items() if k != "bad_report"}
     config["data"]["skip_bad"] = False
-    return config
+    return workroot.identity(config)  # a worker's paths under its --work-root, as the queue has them
 
 
 def network_hash(cfg: RunConfig, tasks: Sequence[str]) -> str:
