@@ -452,7 +452,9 @@ class AffinityConfig:
     and every probe method averages its matrices over the runs.
     ``correction``: how the task-type confound (and, with ``type_task_centre``, each task's own
     level) is removed from the probe matrices (see :mod:`taskgroup.affinity.corrections`). Trained estimators (``pairwise``, ``subsets``)
-    run networks of ``trained_steps_per_task`` steps per task as jobs of an Optuna study on
+    run networks of ``trained_steps_per_task`` steps per task (or, with ``trained_steps``, that
+    many steps for every network whatever its size: a fixed budget per network, so a pair's
+    target gets half the steps it gets alone) as jobs of an Optuna study on
     ``storage`` (None: a SQLite file in the output folder)."""
 
     methods: tuple[str, ...] = ("lookahead", "gradient", "readout", "attribution")
@@ -470,6 +472,7 @@ class AffinityConfig:
     correction: Literal["none", "type_centre", "type_scale", "type_task_centre"] = "type_centre"
     steps_per_task: int | None = None
     trained_steps_per_task: int = 60
+    trained_steps: int | None = None
     subset_size: int = 6
     subsets: int = 40
     storage: str | None = None
@@ -490,7 +493,15 @@ class AffinityConfig:
             raise ValueError(
                 f"runs and readout_batches must be at least 1, got {self.runs}, {self.readout_batches}"
             )
-        _at_least(self, 1, "probe_batch", "attribution_images", "steps_per_task", "trained_steps_per_task")
+        _at_least(
+            self,
+            1,
+            "probe_batch",
+            "attribution_images",
+            "steps_per_task",
+            "trained_steps_per_task",
+            "trained_steps",
+        )
         _at_least(self, 1, "min_probes", "subset_size", "subsets", "heartbeat", "grace")
         _check_storage(self)
 

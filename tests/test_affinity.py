@@ -645,3 +645,17 @@ def test_readout_and_attribution_see_the_planted_groups_clearly(default_cache, r
     for method in methods:
         sep = planted_separation(result.matrices[method], planted_labels(tasks))
         assert sep["gap_sd"] > 1.0, (method, sep)
+
+
+def test_a_fixed_budget_per_network_trains_every_pairwise_network_as_long(tiny_synth, registry, tmp_path):
+    import dataclasses
+    import json
+
+    cfg = tiny_config(tiny_synth, steps=None, steps_per_task=3, eval_every=100, checkpoint_every=100)
+    aff = dataclasses.replace(cfg.affinity, methods=("pairwise",), trained_steps=4, trained_steps_per_task=9)
+    run_affinity(dataclasses.replace(cfg, affinity=aff), tmp_path / "aff", ["IUGC", "lung_2cls"], registry)
+    networks = sorted((tmp_path / "aff" / "jobs" / "networks").glob("*/done.json"))
+    assert len(networks) == 3  # each task alone, and the pair
+    assert [json.loads(f.read_text())["steps"] for f in networks] == [4, 4, 4]  # not 9 per task
+    meta = json.loads((tmp_path / "aff" / "pairwise" / "meta.json").read_text())
+    assert meta["steps_per_network"] == 4 and meta["cost"]["training_steps"] == 12

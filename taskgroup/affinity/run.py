@@ -245,7 +245,10 @@ def run_trained(
     if "subsets" in aff.methods:
         jobs.update({j.key: j for j in subset_jobs(tasks, aff.subset_size, aff.subsets, seed)})
     job_cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, steps_per_task=aff.trained_steps_per_task)
+        cfg,
+        train=dataclasses.replace(
+            cfg.train, steps_per_task=aff.trained_steps_per_task, steps=aff.trained_steps or cfg.train.steps
+        ),
     )
     url = aff.storage or sqlite_url(out_dir / "jobs.db")
     storage = storage_for(url, aff.heartbeat, aff.grace)
@@ -264,7 +267,7 @@ def run_trained(
     # networks these methods use are counted, whoever trained them and when
     results = {k: v for k, v in job_results(study).items() if k in jobs}
     seconds = job_seconds(study, set(jobs))
-    steps = sum(len(NetworkJob.from_key(k).tasks) * aff.trained_steps_per_task for k in results)
+    steps = sum(job_cfg.train.total_steps(len(NetworkJob.from_key(k).tasks)) for k in results)
     cost = {
         "wall_seconds": time.perf_counter() - start,
         "training_seconds": seconds,
@@ -439,6 +442,7 @@ def run_affinity(
                     "gain": "direction-aware relative gain of the target's primary validation metric (best step) "
                     "over the target trained alone",
                     "steps_per_task": aff.trained_steps_per_task,
+                    **({"steps_per_network": aff.trained_steps} if aff.trained_steps else {}),
                 },
             )
     return AffinityResult(tasks, matrices, folders, separation)
