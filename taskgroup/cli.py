@@ -603,6 +603,7 @@ def cmd_affinity(args: argparse.Namespace) -> int:
         workers=args.workers,
         console=console,
         devices=parse_devices(args.devices),
+        work_root=args.work_root,
     )
     for method, folder in result.folders.items():
         console.print(f"{method}: {folder}")
@@ -668,6 +669,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         workers=args.workers,
         console=console,
         devices=parse_devices(args.devices),
+        work_root=args.work_root,
     )
     console.print(
         f"report in {result.out / 'report.md'} ({len(result.jobs)} networks, {result.trained_here} trained here)"

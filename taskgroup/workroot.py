@@ -43,16 +43,22 @@ def _under(value: str, root: Path) -> str | None:
 
 def mark(value: Any, root: str | Path) -> Any:
     """``value`` (a config mapping, list or string) with every absolute path under ``root``
-    written ``{work_root}/<relative>``."""
-    root = Path(root).resolve()
+    (as given, or with its symbolic links resolved) written ``{work_root}/<relative>``.
+    Relative paths are left as they are: give the data root as an absolute path."""
+    roots = tuple(dict.fromkeys([Path(os.path.abspath(root)), Path(root).resolve()]))
+    return _mark(value, roots)
+
+
+def _mark(value: Any, roots: tuple[Path, ...]) -> Any:
     if isinstance(value, dict):
-        return {k: mark(v, root) for k, v in value.items()}
+        return {k: _mark(v, roots) for k, v in value.items()}
     if isinstance(value, list):
-        return [mark(v, root) for v in value]
+        return [_mark(v, roots) for v in value]
     if isinstance(value, str):
-        relative = _under(value, root)
-        if relative is not None:
-            return MARK if relative == "." else f"{MARK}/{Path(relative).as_posix()}"
+        for root in roots:
+            relative = _under(value, root)
+            if relative is not None:
+                return MARK if relative == "." else f"{MARK}/{Path(relative).as_posix()}"
     return value
 
 

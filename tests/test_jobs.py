@@ -123,7 +123,13 @@ def test_affinity_queues_are_named_by_their_networks_config(tiny_synth, tmp_path
     first = queue_name(storage, cfg)
     assert first.startswith(f"{STUDY}-") and first == queue_name(storage, cfg)
     assert queue_name(storage, other) != first  # another config: its own queue, its own folder
-    create_queue(storage, STUDY, cfg, [NetworkJob(("IUGC",))], tmp_path)  # an older taskgroup's queue
+    # an older taskgroup's queue: its config written before affinity.min_probes / trained_steps
+    old = create_queue(storage, STUDY, cfg, [NetworkJob(("IUGC",))], tmp_path)
+    written = old.user_attrs["config"]
+    written["affinity"] = {
+        k: v for k, v in written["affinity"].items() if k not in ("min_probes", "trained_steps")
+    }
+    old.set_user_attr("config", written)
     assert queue_name(storage, cfg) == STUDY  # resumed where it is
     assert queue_name(storage, other) != STUDY  # never another config's
 
@@ -171,3 +177,53 @@ def test_a_queue_with_a_work_root_is_worked_from_another_mount_of_it(tiny_synth,
     assert result.best == trial.user_attrs["best"]
     with pytest.raises(ConfigError, match="another config"):  # without the work root it is not
         train_network(again.cfg, registry, ["IUGC"], moved, job.key, data)
+
+
+def test_failed_gpu_workers_and_a_pinned_device_are_errors(tiny_synth, tmp_path, monkeypatch):
+    import dataclasses
+
+    from taskgroup.errors import ConfigError, TaskgroupError
+    from taskgroup.training import jobs
+
+    cfg = tiny_config(tiny_synth, steps=4, eval_every=4, checkpoint_every=4)
+    url = sqlite_url(tmp_path / "jobs.db")
+    study = create_queue(storage_for(url, 1, 3), "q", cfg, [NetworkJob(("IUGC",))], tmp_path)
+
+    class Crashing:  # a worker process that dies at once (out of memory, a bad GPU)
+        def __init__(self, command, env):
+            pass
+
+        def wait(self):
+            return 1
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Crashing)
+    with pytest.raises(TaskgroupError, match=r"2 of 2 local worker process\(es\) failed .* 1 job\(s\)"):
+        jobs.work_off(study, url, 1, 1, 3, 1, devices=("0", "1"))
+    pinned = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cuda:1"))
+    other = create_queue(storage_for(url, 1, 3), "pinned", pinned, [NetworkJob(("IUGC",))], tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.device must be auto or cuda, not 'cuda:1'"):
+        jobs.work_off(other, url, 1, 1, 3, 1, devices=("0",))
+
+
+def test_a_work_root_is_ignored_for_a_queue_of_absolute_paths(tiny_synth, registry, tmp_path):
+    cfg = tiny_config(tmp_path / "data", steps=4, eval_every=4, checkpoint_every=4)
+    os.symlink(tiny_synth, tmp_path / "data")
+    job = NetworkJob(("IUGC",))
+    study = create_queue(storage_for(sqlite_url(tmp_path / "jobs.db"), 1, 3), "q", cfg, [job], tmp_path / "w")
+    creator = Worker(study, registry).network_dir(job)
+    assert Worker(study, registry, work_root=tmp_path).network_dir(job) == creator  # same names
+
+
+def test_paths_under_a_work_root_given_through_a_symbolic_link_are_marked(tmp_path):
+    from taskgroup import workroot
+
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    config = {"data": {"root": str(tmp_path / "link" / "d"), "other": str(tmp_path / "real" / "e"), "n": 3}}
+    marked = workroot.mark(config, tmp_path / "link")
+    assert marked == {"data": {"root": f"{workroot.MARK}/d", "other": f"{workroot.MARK}/e", "n": 3}}
+    assert workroot.mark({"root": "relative/path"}, tmp_path) == {"root": "relative/path"}
+    assert workroot.resolve(marked, tmp_path / "x")["data"]["root"] == str((tmp_path / "x" / "d").resolve())

@@ -359,3 +359,24 @@ def test_search_trained_trials_default_to_the_affinity_runs_own_config(tmp_path,
     with pytest.raises(_Stop):  # --config wins
         main(["search", str(run), "--trained", "2", "--config", str(TINY), "--out", str(tmp_path / "s")])
     assert seen["cfg"].data.root is None
+
+
+@pytest.mark.parametrize("command", ["affinity", "compare"])
+def test_devices_and_work_root_reach_the_stage(command, tmp_path, monkeypatch):
+    import taskgroup.affinity
+    import taskgroup.compare
+
+    module, name = {
+        "affinity": (taskgroup.affinity, "run_affinity"),
+        "compare": (taskgroup.compare, "run_compare"),
+    }[command]
+    seen: dict = {}
+
+    def stage(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(module, name, stage)
+    with pytest.raises(_Stop):
+        main([command, "--devices", "0,1", "--work-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert seen["devices"] == ("0", "1") and seen["work_root"] == tmp_path

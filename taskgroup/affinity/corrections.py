@@ -20,9 +20,11 @@ on a measured matrix ``A`` (source rows, target columns) and leave its diagonal 
   map resembles every broad one) says nothing about a pair by that alone.
 
 A block with fewer than two off-diagonal entries cannot be corrected (its mean is its one
-value: subtracting it would leave 0, which looks like a result and says nothing); it is left
-as measured, and :func:`unestimated` names it so that the run can say so. Likewise the
-task-level step of ``type_task_centre`` needs two targets per source (three tasks).
+value: subtracting it would leave 0, which looks like a result and says nothing): its type
+step is skipped (its entries keep their measured level while the other blocks are centred, so
+they are not on one scale with them), and :func:`unestimated` names it so that the run can say
+so. The task-level step of ``type_task_centre`` still applies to those entries when there are
+three tasks or more; with fewer it is skipped too.
 The measured effect of each on the synthetic benchmark is in the README (benchmarks/affinity.py).
 """
 

@@ -37,7 +37,7 @@ from taskgroup.affinity.probes import (
 )
 from taskgroup.affinity.report import planted_separation, print_summary, write_method
 from taskgroup.affinity.trained import pairwise_jobs, pairwise_matrix, subset_jobs, subsets_matrix
-from taskgroup.config import RunConfig, config_hash, hide_password, to_mapping
+from taskgroup.config import RunConfig, config_hash, from_mapping, hide_password, to_mapping
 from taskgroup.data.synthetic import planted_labels
 from taskgroup.errors import ConfigError
 from taskgroup.matrices import REPORTED, AffinityMatrix
@@ -220,8 +220,13 @@ def queue_name(storage: Any, job_cfg: RunConfig) -> str:
     run of the same networks shares theirs, as compare does). A queue of an earlier taskgroup
     (the study ``affinity``) of exactly this config is kept, so its folders resume."""
     legacy = [s for s in storage.get_all_studies() if s.study_name == STUDY]
-    if legacy and legacy[0].user_attrs.get("config") == to_mapping(job_cfg):
-        return STUDY
+    if legacy and "config" in legacy[0].user_attrs:
+        try:  # read as this taskgroup reads it (fields added since take their defaults)
+            stored = from_mapping(RunConfig, legacy[0].user_attrs["config"], f"study {STUDY}")
+        except ConfigError:  # a config this taskgroup cannot read is not this run's
+            stored = None
+        if stored is not None and network_config(stored) == network_config(job_cfg):
+            return STUDY
     return f"{STUDY}-{config_hash(network_config(job_cfg))}"
 
 

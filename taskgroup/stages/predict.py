@@ -61,7 +61,7 @@ def _read_run(run_dir: Path, registry: TaskRegistry | None):
     cfg = load_run_config(run_dir / "config.yaml")
     registry = registry or load_registry(cfg.registry)
     grouping = load_grouping(run_dir / "grouping.yaml", registry)
-    served = pd.read_csv(run_dir / "served.csv")
+    served = pd.read_csv(run_dir / "served.csv", dtype={"network": str, "task": str})
     return cfg, registry, grouping, served
 
 
@@ -80,12 +80,15 @@ def predict_run(
     console = console or Console()
     if split not in ("val", "test"):
         raise ConfigError(f"--split {split!r}: expected val or test")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: exists and is not empty; predictions are never written over a folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"{out}: exists and is not an empty folder; predictions are never written over anything"
+        )
     cfg, registry, grouping, served = _read_run(run_dir, registry)
     data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root))
     tasks = list(served["task"])
-    data = prepare_data(data_cfg, registry, tasks)
+    # decoded batch by batch (the same resizing as preloading): the training split is never read
+    data = prepare_data(dataclasses.replace(data_cfg, preload=False), registry, tasks)
     if split == "test" and data.test is None:
         raise ConfigError(f"{data.root}: no test split (a test/ folder or data.test_root) to predict")
     images = data.split(split)
@@ -96,6 +99,18 @@ def predict_run(
     backbone = dataclasses.replace(cfg.model.backbone, pretrained=None)
     model_cfg = dataclasses.replace(cfg.model, backbone=backbone)
     torch_device = pick_device(device)
+    on_cuda = torch_device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(
+            device_type=torch_device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and on_cuda
+        )
+
+    def engine_images(images: torch.Tensor) -> torch.Tensor:
+        if cfg.train.channels_last and on_cuda:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
     predictions: list[Prediction] = []
     counts: dict[str, int] = {}
     for (network, step), rows in served.groupby(["network", "step"], sort=False):
@@ -119,7 +134,8 @@ def predict_run(
                 for start in range(0, len(records), data_cfg.batch_size):
                     positions = list(range(start, min(len(records), start + data_cfg.batch_size)))
                     batch = images.batch(task, positions).to(torch_device)
-                    output = model(batch.images, task)
+                    with autocast():  # as the training's evaluation ran it (bf16 on CUDA with train.amp)
+                        output = model(engine_images(batch.images), task)
                     predictions.extend(decode_outputs(spec, output, batch, records))
             counts[task] = len(records)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -332,8 +332,18 @@ class Engine:
         if not self.dist.enabled:
             return self._evaluate(split)
         # in-process communication of a dict of floats between the ranks of one run, not a file
-        box = [self._evaluate(split) if self.dist.is_main else None]
+        box: list[Any] = [None]
+        error: BaseException | None = None
+        if self.dist.is_main:
+            try:
+                box = [self._evaluate(split)]
+            except Exception as exc:  # the other ranks must not wait for scores that never come
+                error, box = exc, [f"evaluation failed on rank 0: {type(exc).__name__}: {exc}"]
         torch_dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        if isinstance(box[0], str):
+            raise TaskgroupError(box[0])
         return box[0]
 
     @torch.no_grad()

@@ -56,7 +56,7 @@ import optuna
 
 from taskgroup import workroot
 from taskgroup.config import RunConfig, from_mapping, hide_password, storage_url, to_mapping
-from taskgroup.errors import ConfigError
+from taskgroup.errors import ConfigError, TaskgroupError
 from taskgroup.runtime import FolderLocked
 from taskgroup.tasks import TaskRegistry, load_registry
 from taskgroup.training.data import TrainingData, prepare_data
@@ -174,8 +174,17 @@ class Worker:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per job is the progress bar's
         self.study = study
         where = f"study {study.study_name}"
-        self.work_root = work_root
-        config = workroot.resolve(study.user_attrs["config"], work_root, where)
+        stored = study.user_attrs["config"]
+        rooted = workroot.is_marked(stored) or workroot.is_marked(study.user_attrs["work_dir"])
+        if work_root is not None and not rooted:
+            log.warning(
+                "study %s stores absolute paths (it was created without --work-root): --work-root %s is not used",
+                study.study_name,
+                work_root,
+            )
+        # identities mark paths only for a queue that does (names agree with its creator's)
+        self.work_root = work_root if rooted else None
+        config = workroot.resolve(stored, work_root, where)
         self.cfg = from_mapping(RunConfig, config, where)
         self.work_dir = Path(workroot.resolve(study.user_attrs["work_dir"], work_root, where))
         self.registry = registry or load_registry(self.cfg.registry)
@@ -351,6 +360,12 @@ def work_off(
     process (which may hold a CUDA context on GPU 0 already) only waits for them: N workers on
     an N-GPU machine use N GPUs, not N processes on GPU 0."""
     if devices:
+        device = str(study.user_attrs["config"].get("train", {}).get("device", "auto"))
+        if device not in ("auto", "cuda"):
+            raise ConfigError(
+                f"--devices gives each worker one GPU, seen as 'cuda': train.device must be auto or "
+                f"cuda, not {device!r}"
+            )
         count = max(workers, len(devices))
         helpers = [
             spawn_worker(
@@ -365,12 +380,19 @@ def work_off(
         ]
     try:
         finished = 0 if devices else Worker(study, registry, work_root=work_root).run()
-        for h in helpers:
-            h.wait()
+        codes = [h.wait() for h in helpers]
     finally:
         for h in helpers:
             if h.poll() is None:
                 h.terminate()
+    waiting = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.WAITING]
+    failed = [code for code in codes if code != 0]
+    if failed and waiting:  # no worker of this command is left to train them
+        raise TaskgroupError(
+            f"{len(failed)} of {len(helpers)} local worker process(es) failed (exit codes "
+            f"{', '.join(map(str, failed))}) and {len(waiting)} job(s) of study {study.study_name} are "
+            "still queued: see the workers' messages above; rerun to resume"
+        )
     return finished
 
 
