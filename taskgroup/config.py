@@ -368,6 +368,9 @@ class DataConfig:
     temperature: float = 2.0
     batch_size: int = 32
     preload: bool = True  # decode every image once into memory (uint8) before training
+    # DataLoader worker processes that build the training batches ahead of the steps (0: in the
+    # training process); how batches are made, not what is trained: out of every network's hash
+    workers: int = dataclasses.field(default=0, metadata=OMIT_DEFAULT)
     skip_bad: bool = False
     # the CSV file listing the bad rows of every split (None: the command's default, e.g.
     # RUN/bad_rows.csv); where a report goes, not what is trained
@@ -386,6 +389,7 @@ class DataConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         _at_least(self, 1, "image_size", "batch_size", "pretext_images", "pretext_steps")
+        _at_least(self, 0, "workers")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
 

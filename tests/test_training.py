@@ -284,3 +284,44 @@ def test_probe_batches_leave_the_training_sequence_alone(tiny_synth, registry, t
         return seen
 
     assert sequence(True) == sequence(False)
+
+
+class _StopAt(Callback):
+    """Stops the training (as a kill would) once step ``step`` is done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, engine, output) -> None:
+        if output.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_loader_workers_train_the_very_same_steps_and_resume_exactly(tiny_synth, registry, tmp_path):
+    """data.workers builds the batches in worker processes, ahead of the steps: the metrics and
+    weights equal those of batches built in the training process, for data decoded on the fly,
+    also when the run is stopped between checkpoints and resumed (the loader restarts from the
+    sampler's checkpointed state)."""
+    import dataclasses
+
+    from taskgroup.training import prepare_data, train_network
+    from taskgroup.training.run import network_hash
+
+    tasks = ["lung", "IUGC", "breast_3cls"]
+    cfg = tiny_config(tiny_synth, steps=12, eval_every=4, checkpoint_every=4)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preload=False))
+    loaded = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=2))
+    assert network_hash(loaded, tasks) == network_hash(cfg, tasks)  # how batches are made, not what
+    data = prepare_data(cfg.data, registry, tasks)
+    train_network(cfg, registry, tasks, tmp_path / "inline", "n", data)
+    with pytest.raises(KeyboardInterrupt):
+        train_network(loaded, registry, tasks, tmp_path / "workers", "n", data, [_StopAt(6)])
+    assert not (tmp_path / "workers" / "done.json").exists()
+    train_network(loaded, registry, tasks, tmp_path / "workers", "n", data)  # resumes at step 4
+    a = pd.read_csv(tmp_path / "inline" / "metrics.csv")
+    b = pd.read_csv(tmp_path / "workers" / "metrics.csv")
+    pd.testing.assert_frame_equal(a, b)
+    one = torch.load(tmp_path / "inline" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    two = torch.load(tmp_path / "workers" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for key, value in one.items():
+        assert torch.equal(value, two[key]), key

@@ -47,6 +47,11 @@ class Batch:
     image_paths: tuple[str, ...]
     indices: torch.Tensor  # (B,) int64
 
+    def pin_memory(self) -> Batch:
+        """The batch in pinned memory (a DataLoader with ``pin_memory`` calls it), so that its
+        copy to the GPU can overlap the step."""
+        return dataclasses.replace(self, images=self.images.pin_memory(), targets=self.targets.pin_memory())
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return dataclasses.replace(
             self,

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,7 @@ class Engine:
                 find_unused_parameters=True,
             )
         self.optimiser, self.scheduler = build_optimiser(model, train_cfg, self.total_steps)
+        self._batches: Iterator[Batch] | None = None  # the loader's batches (data.workers > 0)
         self.sampler = MultiTaskBatchSampler(
             {t: data.train.size(t) for t in self.tasks},
             data_cfg.batch_size,
@@ -395,7 +396,31 @@ class Engine:
         task, positions = self.sampler.next_batch()
         if self.dist.enabled:  # every rank drew the same batch: take this rank's shard
             positions = positions[self.dist.rank :: self.dist.world]
+        if self._batches is not None:  # built ahead by the loader's workers from the same plan
+            batch = next(self._batches)
+            if batch.task_id != task or batch.indices.tolist() != list(positions):
+                raise RuntimeError(
+                    f"network {self.name}: the loader's batch is not step {self.step + 1}'s plan"
+                )
+            return batch.to(self.device, non_blocking=True)
         return self.data.train.batch(task, positions).to(self.device, non_blocking=True)
+
+    def start_loader(self) -> None:
+        """DataLoader workers (``data.workers``) for the steps left, from the sampler's state now."""
+        self._batches = None
+        if self.data_cfg.workers > 0 and self.step < self.total_steps:
+            from taskgroup.training.loader import batch_iterator
+
+            world = self.dist.world if self.dist.enabled else 1
+            self._batches = batch_iterator(
+                self.data.train,
+                self.sampler,
+                self.total_steps - self.step,
+                self.data_cfg.workers,
+                pin_memory=self.device.type == "cuda",
+                rank=self.dist.rank if self.dist.enabled else 0,
+                world=world,
+            )
 
     def probe_batch(self, task: str, salt: int = 0, size: int | None = None) -> Batch:
         """A batch of ``task`` (``size`` images, default the batch size) for probes (affinity
@@ -462,9 +487,13 @@ class Engine:
             log.info("network %s: resumed at step %d from %s", self.name, self.step, self.last_checkpoint)
         for c in self.callbacks:
             c.on_train_start(self)
-        while self.step < self.total_steps:
-            output = self.train_step()
-            for c in self.callbacks:
-                c.on_step_end(self, output)
+        self.start_loader()
+        try:
+            while self.step < self.total_steps:
+                output = self.train_step()
+                for c in self.callbacks:
+                    c.on_step_end(self, output)
+        finally:
+            self._batches = None  # the loader's workers end with their iterator
         for c in self.callbacks:
             c.on_train_end(self)

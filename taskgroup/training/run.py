@@ -255,7 +255,7 @@ def network_config(cfg: RunConfig) -> dict[str, Any]:
     if config["data"].get("test_root") is None:
         config["data"] = {k: v for k, v in config["data"].items() if k != "test_root"}
     # where bad rows are listed says nothing about what a network learns
-    config["data"] = {k: v for k, v in config["data"].items() if k != "bad_report"}
+    config["data"] = {k: v for k, v in config["data"].items() if k not in ("bad_report", "workers")}
     config["data"]["skip_bad"] = False
     return workroot.identity(config)  # a worker's paths under its --work-root, as the queue has them
 
