@@ -1,7 +1,7 @@
 """Throughput of AU training, and the share of step time spent waiting for data.
 
     python benchmarks/train_throughput.py [--config configs/tiny.yaml] [--steps 300] [--workers 0 2]
-    python benchmarks/train_throughput.py --config configs/full.yaml --steps 12 --workers 0 2
+    python benchmarks/train_throughput.py --config configs/full.yaml --steps 12 --workers 0 2 [--data ROOT]
 
 Measured in one run: an Engine on all 27 tasks of the synthetic benchmark (as `taskgroup train
 --grouping au` builds it) takes ``--steps`` steps with preloaded data (the default), then with
@@ -17,6 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
 from report import au_engine, report
 
 from taskgroup.config import load_run_config
@@ -25,13 +26,14 @@ from taskgroup.tasks import load_registry
 from taskgroup.training import prepare_data
 
 
-def measure(config: Path, preload: bool, steps: int, workers: int = 0) -> dict:
+def measure(config: Path, preload: bool, steps: int, workers: int = 0, data_root: Path | None = None) -> dict:
     # throughput does not depend on the weights: a random encoder, no pretraining
     overrides = [
         f"data.preload={str(preload).lower()}",
         f"data.workers={workers}",
         "model.backbone.pretrained=none",
     ]
+    overrides += [f"data.root={data_root}"] if data_root is not None else []
     cfg = load_run_config(config, overrides)
     configure_cpu(cfg.train.threads)
     registry = load_registry(cfg.registry)
@@ -53,6 +55,9 @@ def measure(config: Path, preload: bool, steps: int, workers: int = 0) -> dict:
         engine.next_batch = timed_next_batch  # type: ignore[method-assign]
         engine.total_steps = engine.step + warm + steps  # the loader plans exactly these steps
         engine.start_loader()
+        cuda = engine.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(engine.device)
         for _ in range(warm):
             engine.train_step()
         spent = 0.0
@@ -61,7 +66,11 @@ def measure(config: Path, preload: bool, steps: int, workers: int = 0) -> dict:
             engine.train_step()
         wall = time.perf_counter() - start
         engine._batches = None  # the loader's workers end here
+        peak = torch.cuda.max_memory_allocated(engine.device) / 2**30 if cuda else None
+        device = str(engine.device)
     return {
+        "device": device,
+        **({"peak_gpu_memory_gib": round(peak, 2)} if peak is not None else {}),
         "preload": preload,
         "loader_workers": workers,
         "image_size": cfg.data.image_size,
@@ -78,10 +87,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--data", type=Path, default=None, help="an FM_UIA root (default: the synthetic benchmark)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    rows = [measure(args.config, True, args.steps)]
-    rows += [measure(args.config, False, max(1, args.steps // 3), w) for w in args.workers]
+    rows = [measure(args.config, True, args.steps, data_root=args.data)]
+    rows += [measure(args.config, False, max(1, args.steps // 3), w, args.data) for w in args.workers]
     report(f"AU training, {args.config.name}, 27 tasks", rows, args.json)
 
 

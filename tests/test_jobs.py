@@ -227,3 +227,17 @@ def test_paths_under_a_work_root_given_through_a_symbolic_link_are_marked(tmp_pa
     assert marked == {"data": {"root": f"{workroot.MARK}/d", "other": f"{workroot.MARK}/e", "n": 3}}
     assert workroot.mark({"root": "relative/path"}, tmp_path) == {"root": "relative/path"}
     assert workroot.resolve(marked, tmp_path / "x")["data"]["root"] == str((tmp_path / "x" / "d").resolve())
+
+
+def test_gpu_check_parses_and_stops_cleanly_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, whatever the machine
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path), str(tmp_path / "w.pth")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
