@@ -371,6 +371,9 @@ class DataConfig:
     # DataLoader worker processes that build the training batches ahead of the steps (0: in the
     # training process); how batches are made, not what is trained: out of every network's hash
     workers: int = dataclasses.field(default=0, metadata=OMIT_DEFAULT)
+    # training-time augmentation (taskgroup/training/augment.py): none, or hflip (never for a
+    # task whose label a flip changes); left out of the plain form while none (hashes unchanged)
+    augment: Literal["none", "hflip"] = dataclasses.field(default="none", metadata=OMIT_DEFAULT)
     skip_bad: bool = False
     # the CSV file listing the bad rows of every split (None: the command's default, e.g.
     # RUN/bad_rows.csv); where a report goes, not what is trained

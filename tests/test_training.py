@@ -325,3 +325,56 @@ def test_loader_workers_train_the_very_same_steps_and_resume_exactly(tiny_synth,
     two = torch.load(tmp_path / "workers" / "checkpoints" / "last.pt", weights_only=False)["model"]
     for key, value in one.items():
         assert torch.equal(value, two[key]), key
+
+
+def test_hflip_mirrors_each_kind_with_its_target_and_never_a_flip_sensitive_task(registry):
+    from taskgroup.data import Batch
+    from taskgroup.training.augment import flips, hflip
+
+    s = 8
+    images = torch.arange(2 * 3 * s * s, dtype=torch.float32).reshape(2, 3, s, s)
+
+    def batch(task, targets):
+        return Batch(task, images, targets, torch.tensor([[s, s]] * 2), ("a", "b"), torch.arange(2))
+
+    flip = np.array([True, False])
+    mask = torch.randint(0, 2, (2, s, s))
+    seg = hflip(batch("breast_lesion", mask), registry["breast_lesion"], flip, s)
+    assert torch.equal(seg.images[0], images[0].flip(-1)) and torch.equal(seg.images[1], images[1])
+    assert torch.equal(seg.targets[0], mask[0].flip(-1)) and torch.equal(seg.targets[1], mask[1])
+    boxes = torch.tensor([[1.0, 2.0, 3.0, 6.0], [1.0, 2.0, 3.0, 6.0]])
+    det = hflip(batch("thyroid_nodule_det", boxes), registry["thyroid_nodule_det"], flip, s)
+    assert det.targets.tolist() == [[5.0, 2.0, 7.0, 6.0], [1.0, 2.0, 3.0, 6.0]]  # x1 = 8 - 3, x2 = 8 - 1
+    points = torch.tensor([[[1.0, 2.0], [6.5, 4.0]]] * 2)
+    reg = hflip(batch("IUGC", points.clone()), registry["IUGC"], flip, s)
+    assert reg.targets[0].tolist() == [[7.0, 2.0], [1.5, 4.0]] and torch.equal(reg.targets[1], points[1])
+    labels = torch.tensor([1, 0])
+    cls = hflip(batch("breast_3cls", labels), registry["breast_3cls"], flip, s)
+    assert torch.equal(cls.targets, labels) and torch.equal(cls.images[0], images[0].flip(-1))
+    assert registry["lung_2cls"].hflip_changes_label  # laterality: never mirrored
+    kept = hflip(batch("lung_2cls", labels), registry["lung_2cls"], flip, s)
+    assert torch.equal(kept.images, images)
+    assert np.array_equal(flips(0, 5, 0, 64), flips(0, 5, 0, 64)) and 16 < flips(0, 5, 0, 64).sum() < 48
+
+
+def test_hflip_training_differs_and_resumes_exactly(tiny_synth, registry, tmp_path):
+    import dataclasses
+
+    from taskgroup.training import prepare_data, train_network
+    from taskgroup.training.run import network_hash
+
+    tasks = ["lung", "IUGC", "breast_3cls"]
+    cfg = tiny_config(tiny_synth, steps=12, eval_every=4, checkpoint_every=4)
+    flipped = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment="hflip"))
+    assert network_hash(flipped, tasks) != network_hash(cfg, tasks)  # another training, another folder
+    assert "augment" not in to_mapping(cfg.data)  # none: every existing hash as it was
+    data = prepare_data(cfg.data, registry, tasks)
+    train_network(cfg, registry, tasks, tmp_path / "plain", "n", data)
+    train_network(flipped, registry, tasks, tmp_path / "whole", "n", data)
+    with pytest.raises(KeyboardInterrupt):
+        train_network(flipped, registry, tasks, tmp_path / "stopped", "n", data, [_StopAt(6)])
+    train_network(flipped, registry, tasks, tmp_path / "stopped", "n", data)
+    whole = pd.read_csv(tmp_path / "whole" / "metrics.csv")
+    pd.testing.assert_frame_equal(whole, pd.read_csv(tmp_path / "stopped" / "metrics.csv"))
+    plain = pd.read_csv(tmp_path / "plain" / "metrics.csv")
+    assert not np.allclose(plain["value"], whole["value"])  # the flips changed the training

@@ -52,6 +52,7 @@ from taskgroup.kinds import decode_outputs, kind_entry
 from taskgroup.models import M2DINO
 from taskgroup.runtime import WriteError, load_state, non_finite, remove_temporaries, save_state
 from taskgroup.tasks import TaskSpec
+from taskgroup.training import augment
 from taskgroup.training.data import TrainingData
 from taskgroup.training.distributed import DistInfo
 
@@ -402,8 +403,13 @@ class Engine:
                 raise RuntimeError(
                     f"network {self.name}: the loader's batch is not step {self.step + 1}'s plan"
                 )
-            return batch.to(self.device, non_blocking=True)
-        return self.data.train.batch(task, positions).to(self.device, non_blocking=True)
+        else:
+            batch = self.data.train.batch(task, positions)
+        if self.data_cfg.augment == "hflip":
+            rank = self.dist.rank if self.dist.enabled else 0
+            flip = augment.flips(self.cfg.seed, self.step + 1, rank, len(positions))
+            batch = augment.hflip(batch, self.tasks[task], flip, self.data_cfg.image_size)
+        return batch.to(self.device, non_blocking=True)
 
     def start_loader(self) -> None:
         """DataLoader workers (``data.workers``) for the steps left, from the sampler's state now."""
