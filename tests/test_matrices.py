@@ -30,6 +30,19 @@ def example(method: str = "gradient") -> AffinityMatrix:
     return AffinityMatrix(TASKS, values, method, meta={"note": "x"})
 
 
+@pytest.fixture(autouse=True)
+def _denormals_kept():
+    """The old file holds 5e-324, a denormal: a test that ran configure_cpu earlier in this
+    worker process (torch.set_flush_denormal(True), process-wide) would read it as 0. Files
+    round-trip exactly with denormals kept, which is what these tests hold."""
+    import torch
+
+    flushing = bool((torch.tensor([5e-324], dtype=torch.float64) * 1.0 == 0).item())  # the state now
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(flushing)  # as the process had it
+
+
 @pytest.mark.parametrize("path", [OLD, *COMMITTED], ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_read_then_write_gives_the_same_bytes(path, tmp_path):
     matrix = AffinityMatrix.from_csv(path)

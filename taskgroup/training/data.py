@@ -239,8 +239,11 @@ def data_tasks(
         for split in ("train", "val")
         if split in roots
     }
-    if "train" not in found:
-        raise DataError(f"{cfg.root}: no train/csv_files/: a data root needs its training split")
+    if "train" not in found:  # as prepare_data says it
+        raise DataError(
+            f"{cfg.root}: no train/csv_files/ (found only {', '.join(f'{s}/' for s in roots)}): a data "
+            "root needs its training split"
+        )
     both = set.intersection(*found.values())
     chosen = [t for t in registry.ids if t in both]
     if not chosen:
