@@ -286,17 +286,6 @@ def test_probe_batches_leave_the_training_sequence_alone(tiny_synth, registry, t
     assert sequence(True) == sequence(False)
 
 
-class _StopAt(Callback):
-    """Stops the training (as a kill would) once step ``step`` is done."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, engine, output) -> None:
-        if output.step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_loader_workers_train_the_very_same_steps_and_resume_exactly(tiny_synth, registry, tmp_path):
     """data.workers builds the batches in worker processes, ahead of the steps: the metrics and
     weights equal those of batches built in the training process, for data decoded on the fly,
@@ -315,7 +304,7 @@ def test_loader_workers_train_the_very_same_steps_and_resume_exactly(tiny_synth,
     data = prepare_data(cfg.data, registry, tasks)
     train_network(cfg, registry, tasks, tmp_path / "inline", "n", data)
     with pytest.raises(KeyboardInterrupt):
-        train_network(loaded, registry, tasks, tmp_path / "workers", "n", data, [_StopAt(6)])
+        train_network(loaded, registry, tasks, tmp_path / "workers", "n", data, [Crash(6)])
     assert not (tmp_path / "workers" / "done.json").exists()
     train_network(loaded, registry, tasks, tmp_path / "workers", "n", data)  # resumes at step 4
     a = pd.read_csv(tmp_path / "inline" / "metrics.csv")
@@ -372,7 +361,7 @@ def test_hflip_training_differs_and_resumes_exactly(tiny_synth, registry, tmp_pa
     train_network(cfg, registry, tasks, tmp_path / "plain", "n", data)
     train_network(flipped, registry, tasks, tmp_path / "whole", "n", data)
     with pytest.raises(KeyboardInterrupt):
-        train_network(flipped, registry, tasks, tmp_path / "stopped", "n", data, [_StopAt(6)])
+        train_network(flipped, registry, tasks, tmp_path / "stopped", "n", data, [Crash(6)])
     train_network(flipped, registry, tasks, tmp_path / "stopped", "n", data)
     whole = pd.read_csv(tmp_path / "whole" / "metrics.csv")
     pd.testing.assert_frame_equal(whole, pd.read_csv(tmp_path / "stopped" / "metrics.csv"))
